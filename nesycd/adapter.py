@@ -1,0 +1,270 @@
+"""The plain-text prompt layout shared by inference prompts and fine-tuning rows.
+
+Small students follow a plain layout better than DSPy's chat formats, and a student must be
+served with the exact format it was trained on. So one set of functions here renders both the
+prompts that `ReasoningAdapter` sends to an LM and the prompt/completion rows the trainer uses:
+
+    <task description> <instruction to end with "Therefore, the answer is X.">
+
+    <one-line lead-in>                      (only when knowledge was retrieved)
+    <knowledge entries>
+
+    Question: <question with its options>
+    Answer: Let's think step by step.
+
+The completion is ` <reasoning> Therefore, the answer is <answer>.` For the answer-only view the
+header has no step-by-step instruction, the prompt ends with `Answer:`, and the completion is
+` <answer>`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import dspy
+
+from nesycd.benchmarks.answers import ANSWER_MARKER, extract_answer
+
+logger = logging.getLogger(__name__)
+
+COT_INSTRUCTION = f'Think step by step, then finish with "{ANSWER_MARKER} X." where X is the final answer.'
+KNOWLEDGE_LEAD_IN = (
+    "Here is a learning summary and supplementary knowledge written by an expert teacher; use them if they help."
+)
+COT_CUE = "Answer: Let's think step by step."
+ANSWER_CUE = "Answer:"
+# Generation stops where a small model starts inventing the next question.
+STOP_STRINGS = ("\nQuestion:", "\n\n\n")
+
+VIEWS = ("kb_cot", "cot", "answer")
+
+
+def format_prompt(
+    task_description: str,
+    question: str,
+    *,
+    knowledge: list[str] | tuple[str, ...] = (),
+    demos: list[dict[str, str]] | tuple[dict[str, str], ...] = (),
+    answer_only: bool = False,
+) -> str:
+    """Render the prompt for one question; `demos` are dicts with question, reasoning and answer."""
+    header = task_description.strip() if answer_only else f"{task_description.strip()} {COT_INSTRUCTION}"
+    blocks = [header]
+    for demo in demos:
+        blocks.append(
+            f"Question: {demo['question'].strip()}\n{COT_CUE}"
+            f"{format_completion(demo['reasoning'], demo['answer'])}"
+        )
+    if knowledge:
+        blocks.append(KNOWLEDGE_LEAD_IN + "\n" + "\n\n".join(entry.strip() for entry in knowledge))
+    cue = ANSWER_CUE if answer_only else COT_CUE
+    blocks.append(f"Question: {question.strip()}\n{cue}")
+    return "\n\n".join(blocks)
+
+
+def format_completion(reasoning: str, answer: str) -> str:
+    """Render a chain-of-thought completion that ends with the answer marker."""
+    reasoning = reasoning.strip()
+    separator = " " if reasoning else ""
+    return f" {reasoning}{separator}{ANSWER_MARKER} {answer.strip()}."
+
+
+def strip_answer_sentence(text: str) -> str:
+    """Return `text` without its final answer sentence ("Therefore, the answer is ..." or "So the answer is ...")."""
+    for marker in (ANSWER_MARKER, "So the answer is"):
+        index = text.rfind(marker)
+        if index >= 0:
+            return text[:index].strip()
+    return text.strip()
+
+
+def training_row(
+    view: str, *, task_description: str, question: str, reasoning: str, answer: str, knowledge: list[str] = ()
+) -> dict[str, str]:
+    """Build one prompt/completion row of a fine-tuning view.
+
+    Views: `kb_cot` (knowledge + question -> reasoning and answer), `cot` (question -> reasoning and
+    answer) and `answer` (question -> answer only). The prompt is byte-identical to the one
+    `ReasoningAdapter` sends at inference for the same inputs.
+    """
+    if view not in VIEWS:
+        raise ValueError(f"Unknown fine-tuning view {view!r}; expected one of {VIEWS}.")
+    if view == "answer":
+        prompt = format_prompt(task_description, question, answer_only=True)
+        return {"prompt": prompt, "completion": f" {answer.strip()}"}
+    prompt = format_prompt(task_description, question, knowledge=knowledge if view == "kb_cot" else ())
+    return {"prompt": prompt, "completion": format_completion(reasoning, answer)}
+
+
+class Reason(dspy.Signature):
+    """Reason step by step about a question and give the final answer."""
+
+    task_description: str = dspy.InputField(desc="what the task asks")
+    question: str = dspy.InputField(desc="the question, with its options")
+    knowledge: list[str] = dspy.InputField(desc="retrieved knowledge-base entries; may be empty")
+    reasoning: str = dspy.OutputField(desc="the chain of thought, ending with the answer sentence")
+    answer: str | None = dspy.OutputField(desc="the answer after 'Therefore, the answer is', or None")
+
+
+class ReasoningAdapter(dspy.Adapter):
+    """A DSPy adapter that renders the plain-text layout of this module and parses the answer out.
+
+    Demos are rendered only when their `task` matches the input's `task` (when both have one), so
+    one predictor can hold few-shot demonstrations for many tasks.
+    """
+
+    def format(self, signature, demos: list[dict[str, Any]], inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        task = inputs.get("task")
+        chosen = [demo for demo in demos if task is None or demo.get("task") in (None, task)]
+        prompt = format_prompt(
+            inputs["task_description"],
+            inputs["question"],
+            knowledge=list(inputs.get("knowledge") or ()),
+            demos=chosen,
+        )
+        return [{"role": "user", "content": prompt}]
+
+    def parse(self, signature, completion: str) -> dict[str, Any]:
+        return {"reasoning": completion.strip(), "answer": extract_answer(completion)}
+
+    def __call__(self, lm, lm_kwargs, signature, demos, inputs):
+        messages = self.format(signature, demos, inputs)
+        outputs = lm(messages=messages, **{"stop": list(STOP_STRINGS), **lm_kwargs})
+        return [self.parse(signature, _output_text(output)) for output in outputs]
+
+    async def acall(self, lm, lm_kwargs, signature, demos, inputs):
+        messages = self.format(signature, demos, inputs)
+        outputs = await lm.acall(messages=messages, **{"stop": list(STOP_STRINGS), **lm_kwargs})
+        return [self.parse(signature, _output_text(output)) for output in outputs]
+
+
+def _output_text(output: Any) -> str:
+    if isinstance(output, dict):
+        return output.get("text") or ""
+    return output or ""
+
+
+class ReasonStep(dspy.Predict):
+    """The reasoning predictor of a nesycd program: `dspy.Predict(Reason)` served through `ReasoningAdapter`.
+
+    Example:
+        >>> step = ReasonStep()
+        >>> step(task_description="Answer the question.", question="Is 7 prime?", knowledge=[], task="demo")
+    """
+
+    def __init__(self, **config):
+        super().__init__(Reason, **config)
+
+    def forward(self, **kwargs):
+        task = kwargs.pop("task", None)
+        adapter = _TaskAdapter(task)
+        with dspy.context(adapter=adapter):
+            return super().forward(**kwargs)
+
+
+class _TaskAdapter(ReasoningAdapter):
+    """ReasoningAdapter bound to the task of one call, so demos of other tasks are left out."""
+
+    def __init__(self, task: str | None):
+        super().__init__()
+        self.task = task
+
+    def format(self, signature, demos, inputs):
+        return super().format(signature, demos, {**inputs, "task": self.task})
+
+
+class WriteKnowledge(dspy.Signature):
+    """Write a knowledge-base entry from a student's wrong answer."""
+
+    task_description: str = dspy.InputField()
+    question: str = dspy.InputField()
+    student_response: str = dspy.InputField()
+    gold_answer: str | None = dspy.InputField(desc="shown to the teacher only when enabled")
+    reply: str = dspy.OutputField(desc="the teacher's whole reply")
+
+
+# A hand-written worked example that shows the teacher the expected two-part reply.
+KNOWLEDGE_EXAMPLE_QUESTION = (
+    "Jan has 3 boxes with 12 pencils each. She gives away 10 pencils. How many pencils does she have left?"
+)
+KNOWLEDGE_EXAMPLE_RESPONSE = "Jan has 3 + 12 = 15 pencils. 15 - 10 = 5. Therefore, the answer is 5."
+KNOWLEDGE_EXAMPLE_REPLY = (
+    "Learning Summary: Read which operation each sentence describes before computing. \"3 boxes with 12 "
+    "each\" describes repeated groups, so it calls for multiplication, not addition. Compute the total "
+    "first, then apply the change, and check the result against the story.\n"
+    "Supplementary Knowledge:\n"
+    "1. Equal groups: total = number of groups x size of each group.\n"
+    "2. \"Gives away\" or \"loses\" means subtraction from the current total.\n"
+    "3. Check a result by plugging it back into the story: the final count cannot exceed the starting total."
+)
+KNOWLEDGE_INSTRUCTION = (
+    "You are an expert teacher. A student answered the question below incorrectly. Analyse the student's "
+    "response and write a learning summary and supplementary knowledge that would help the student solve "
+    "questions of this kind. The learning summary explains the general approach and the pitfall, not this "
+    "question's numbers. The supplementary knowledge is a numbered list of facts, definitions, formulas or "
+    "techniques. Keep both short and general. Reply with exactly two parts headed \"Learning Summary:\" and "
+    "\"Supplementary Knowledge:\"."
+)
+
+
+def format_knowledge_prompt(
+    task_description: str, question: str, student_response: str, gold_answer: str | None = None
+) -> str:
+    """Render the teacher's prompt for one knowledge-base entry (one worked example, then the case)."""
+    example = (
+        f"Task: Solve grade-school math word problems.\nQuestion: {KNOWLEDGE_EXAMPLE_QUESTION}\n"
+        f"Student's wrong response: {KNOWLEDGE_EXAMPLE_RESPONSE}\n{KNOWLEDGE_EXAMPLE_REPLY}"
+    )
+    case = (
+        f"Task: {task_description.strip()}\nQuestion: {question.strip()}\n"
+        f"Student's wrong response: {_clean_student_response(student_response)}"
+    )
+    if gold_answer is not None:
+        case += f"\nCorrect answer: {gold_answer}"
+    return f"{KNOWLEDGE_INSTRUCTION}\n\n{example}\n\n{case}\nLearning Summary:"
+
+
+_HEADING_START = re.compile(r"^[\s#*\d.]*learning summary", re.IGNORECASE)
+
+
+def _clean_student_response(text: str, max_words: int = 200) -> str:
+    words = text.strip().split()
+    clipped = " ".join(words[:max_words])
+    return clipped + (" ..." if len(words) > max_words else "") if clipped else "(empty response)"
+
+
+class KnowledgeWriterAdapter(dspy.Adapter):
+    """Renders `format_knowledge_prompt` and returns the teacher's whole reply, headed like the example."""
+
+    def format(self, signature, demos, inputs):
+        prompt = format_knowledge_prompt(
+            inputs["task_description"], inputs["question"], inputs["student_response"], inputs.get("gold_answer")
+        )
+        return [{"role": "user", "content": prompt}]
+
+    def parse(self, signature, completion: str) -> dict[str, Any]:
+        # The prompt ends with the first heading, so a continuation is put back under it; a chat
+        # model that repeats the heading keeps its own.
+        text = completion.strip()
+        if not _HEADING_START.match(text):
+            text = "Learning Summary: " + text
+        return {"reply": text}
+
+    def __call__(self, lm, lm_kwargs, signature, demos, inputs):
+        messages = self.format(signature, demos, inputs)
+        stop = ["\nTask:", "\nQuestion:", "\n\n\n"]
+        outputs = lm(messages=messages, **{"stop": stop, **lm_kwargs})
+        return [self.parse(signature, _output_text(output)) for output in outputs]
+
+
+class KnowledgeWriter(dspy.Predict):
+    """The teacher's knowledge-writing predictor, served through `KnowledgeWriterAdapter`."""
+
+    def __init__(self, **config):
+        super().__init__(WriteKnowledge, **config)
+
+    def forward(self, **kwargs):
+        with dspy.context(adapter=KnowledgeWriterAdapter()):
+            return super().forward(**kwargs)

@@ -1,0 +1,188 @@
+"""The `nesycd` command line: compile, run, traces and kb. Parses options, calls the library, renders."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from nesycd.errors import NesycdError
+
+app = typer.Typer(help="Distil an LLM's reasoning into a small model with NesyCD, as DSPy programs.", no_args_is_help=True)
+kb_app = typer.Typer(help="Read the knowledge base of a run or a compiled program.", no_args_is_help=True)
+app.add_typer(kb_app, name="kb")
+
+logger = logging.getLogger("nesycd")
+
+
+def main() -> None:
+    """Entry point of the `nesycd` console script: NesycdError becomes one message and exit code 2."""
+    from nesycd.lm import offline_environment
+
+    offline_environment()
+    try:
+        app()
+    except NesycdError as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "LiteLLM", "datasets", "transformers", "sentence_transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # DSPy warns on every response cut at max_tokens; the traces record each call's token count instead.
+    logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)
+
+
+@app.command()
+def compile(
+    program_file: Path = typer.Argument(..., help="Program file, e.g. programs/bbh.py."),
+    data_dir: Optional[Path] = typer.Option(None, help="Folder holding the benchmark data (default: NESYCD_DATA_DIR)."),
+    student: str = typer.Option("smollm2-135m", help="Student model: packaged id, local folder or Hugging Face id."),
+    teacher: str = typer.Option("smollm2-135m", help="Teacher model: as --student, or a litellm string such as openai/<model>."),
+    teacher_api_base: Optional[str] = typer.Option(None, help="Base URL of an OpenAI-compatible teacher server."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated task subset (default: the program's DEFAULTS)."),
+    train_per_task: Optional[int] = typer.Option(None, help="Training questions per task (default: the program's DEFAULTS)."),
+    test_per_task: Optional[int] = typer.Option(None, help="Test questions per task (default: the program's DEFAULTS)."),
+    runs_dir: Path = typer.Option(Path("runs"), help="Folder that receives runs/<program>/<run-id>/."),
+    run_id: Optional[str] = typer.Option(None, help="Run id (default: the current UTC time)."),
+    epochs: float = typer.Option(2.0, help="Epochs of the general (Std-CoT) fine-tuning."),
+    kb_epochs: Optional[float] = typer.Option(None, help="Epochs of the KB-augmented fine-tuning (default: --epochs)."),
+    learning_rate: float = typer.Option(1e-3, help="LoRA learning rate."),
+    lora_rank: int = typer.Option(8, help="LoRA rank r (alpha is 2r)."),
+    batch_size: int = typer.Option(8, help="Rows per optimizer step."),
+    weight_kb_cot: float = typer.Option(1.0, help="Loss weight of the knowledge + question -> rationale view."),
+    weight_cot: float = typer.Option(1.0, help="Loss weight of the question -> rationale view."),
+    weight_answer: float = typer.Option(1.0, help="Loss weight of the question -> answer view."),
+    retriever: Optional[str] = typer.Option(None, help="Retriever kind: dense or none (default: the program's)."),
+    k: Optional[int] = typer.Option(None, help="Entries retrieved per question (default: the program's)."),
+    insert: Optional[int] = typer.Option(None, help="Retrieved entries inserted into the prompt (default: the program's)."),
+    teacher_sees_gold: bool = typer.Option(False, help="Show the gold answer to the teacher when it writes knowledge."),
+    threads: int = typer.Option(8, help="Concurrent requests (batched by the in-process LM)."),
+    max_tokens: int = typer.Option(160, help="Student generation limit, in tokens."),
+    teacher_max_tokens: int = typer.Option(192, help="Teacher generation limit, in tokens."),
+    baselines: bool = typer.Option(True, help="Also evaluate the base and Std-CoT students."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+):
+    """Run the NesyCD optimizer on a program file and write runs/<program>/<run-id>/compiled/."""
+    _setup_logging(verbose)
+    from nesycd.compile import CompileOptions, run_compile
+
+    options = CompileOptions(
+        program_file=program_file,
+        data_dir=data_dir,
+        student=student,
+        teacher=teacher,
+        teacher_api_base=teacher_api_base,
+        tasks=tasks.split(",") if tasks else None,
+        train_per_task=train_per_task,
+        test_per_task=test_per_task,
+        runs_dir=runs_dir,
+        run_id=run_id,
+        epochs=epochs,
+        kb_epochs=kb_epochs,
+        learning_rate=learning_rate,
+        lora_rank=lora_rank,
+        batch_size=batch_size,
+        view_weights={"kb_cot": weight_kb_cot, "cot": weight_cot, "answer": weight_answer},
+        retriever=retriever,
+        k=k,
+        insert=insert,
+        teacher_sees_gold=teacher_sees_gold,
+        threads=threads,
+        max_tokens=max_tokens,
+        teacher_max_tokens=teacher_max_tokens,
+        baselines=baselines,
+        command=" ".join(["nesycd", *sys.argv[1:]]),
+    )
+    summary = run_compile(options)
+    typer.echo("")
+    typer.echo(summary.report)
+
+
+@app.command()
+def run(
+    path: Path = typer.Argument(..., help="A compiled/ folder (or the run folder that holds it)."),
+    question: str = typer.Argument(..., help="The question, with its options."),
+    task: Optional[str] = typer.Option(None, help="Task name; needed when the program was compiled on several tasks."),
+    as_json: bool = typer.Option(False, "--json", help="Print the answer, rationale and knowledge as JSON."),
+):
+    """Answer a question with a compiled program and print the answer and the knowledge it used."""
+    logging.basicConfig(level=logging.WARNING)
+    from nesycd.artifact import load
+
+    compiled = load(path)
+    try:
+        prediction = compiled(question, task=task)
+    finally:
+        compiled.close()
+    if as_json:
+        typer.echo(json.dumps({"answer": prediction.answer, "reasoning": prediction.reasoning,
+                               "knowledge": list(prediction.knowledge)}, indent=1))
+        return
+    typer.echo(f"Answer: {prediction.answer}")
+    typer.echo(f"Reasoning: {prediction.reasoning}")
+    if prediction.knowledge:
+        typer.echo("Knowledge used:")
+        for entry in prediction.knowledge:
+            typer.echo("  " + entry.replace("\n", "\n  "))
+    else:
+        typer.echo("Knowledge used: none")
+
+
+@app.command()
+def traces(
+    run: Path = typer.Argument(..., help="A run folder or its traces.duckdb file."),
+    sql: Optional[str] = typer.Argument(None, help="SQL to run; without it, a summary of the run's stages."),
+    as_json: bool = typer.Option(False, "--json", help="Print rows as JSON objects."),
+):
+    """Query a run's DuckDB traces, e.g. nesycd traces runs/bbh/RUN "select role, count(*) from lm_calls group by 1"."""
+    from nesycd.tracing import format_table, query_file
+
+    path = run / "traces.duckdb" if run.is_dir() else run
+    if sql is None:
+        sql = (
+            "select name, status, round(seconds, 1) as seconds, counts from stages "
+            "order by started_at"
+        )
+    columns, rows = query_file(path, sql)
+    if as_json:
+        typer.echo(json.dumps([dict(zip(columns, row)) for row in rows], default=str, indent=1))
+    else:
+        typer.echo(format_table(columns, rows))
+
+
+@kb_app.command("list")
+def kb_list(
+    path: Path = typer.Argument(..., help="A run folder, its compiled/ folder, or a Qdrant KB folder."),
+    limit: int = typer.Option(50, help="Entries to show."),
+):
+    """List knowledge-base entries: id, task and the start of the learning summary."""
+    from nesycd.knowledge import Embedder, KnowledgeStore
+
+    folder = path
+    for candidate in (path / "kb", path / "compiled" / "kb"):
+        if candidate.is_dir():
+            folder = candidate
+            break
+    with KnowledgeStore(folder, embedder=Embedder()) as store:
+        entries = store.entries()
+    typer.echo(f"{len(entries)} entries in {folder}")
+    for entry in entries[:limit]:
+        summary = " ".join(entry.learning_summary.split())[:90]
+        typer.echo(f"{entry.id[:12]}  {entry.task:28s} {summary}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""In-process transformers LM: concurrent DSPy requests are served by batched `generate` calls."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nesycd.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalModelConfig:
+    """How the in-process LM batches requests.
+
+    Args:
+        max_batch_size: most requests generated together in one `generate` call.
+        batch_wait_s: seconds the worker waits for more requests after the first one arrives.
+        max_prompt_tokens: longer prompts are cut from the left, keeping the question and the
+            end of the prompt.
+    """
+
+    max_batch_size: int = 8
+    batch_wait_s: float = 0.05
+    max_prompt_tokens: int = 2048
+
+
+@dataclass
+class _Pending:
+    prompt: str
+    max_new_tokens: int
+    stop: tuple[str, ...]
+    adapter: str | None
+    future: Future = field(default_factory=Future)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One finished generation: the text (cut before the first stop string) and token counts."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" or "length"
+
+
+class LocalModel:
+    """A causal LM loaded once per process, with optional LoRA adapters, serving batched requests.
+
+    Requests from any thread go into one queue. A worker thread takes up to `max_batch_size` of
+    them, groups them by adapter, sorts each group by prompt length, and runs one greedy
+    `generate` per group with left padding. Each request keeps its own stop strings and token
+    limit. Adapters stay unmerged: `set_adapter` switches between them per batch, and the base
+    model runs with the adapters disabled.
+
+    Args:
+        path: a folder written by `save_pretrained` (see `nesycd.lm.registry.resolve_model`).
+        name: the model id shown in traces.
+        config: batching settings.
+
+    Example:
+        >>> model = LocalModel.load("/path/to/model")
+        >>> model.generate("Question: 2+2?\\nAnswer:", max_new_tokens=8).text
+    """
+
+    _loaded: dict[str, "LocalModel"] = {}
+    _loaded_lock = threading.Lock()
+
+    def __init__(self, path: str | Path, *, name: str | None = None, config: LocalModelConfig | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.path = Path(path)
+        self.name = name or self.path.name
+        self.config = config or LocalModelConfig()
+        started = time.perf_counter()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
+        except (OSError, ValueError) as error:
+            raise ModelError(f"Cannot load model weights from {self.path}: {error}") from error
+        self.model.eval()
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.adapters: dict[str, Path] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        logger.info("Loaded %s from %s in %.1f s", self.name, self.path, time.perf_counter() - started)
+
+    @classmethod
+    def load(cls, path: str | Path, *, name: str | None = None) -> "LocalModel":
+        """Return the process-wide instance for `path`, loading it on first use."""
+        key = str(Path(path).resolve())
+        with cls._loaded_lock:
+            if key not in cls._loaded:
+                cls._loaded[key] = cls(path, name=name)
+            return cls._loaded[key]
+
+    @classmethod
+    def unload_all(cls) -> None:
+        """Stop every worker and drop every loaded model (frees memory before training)."""
+        with cls._loaded_lock:
+            for model in cls._loaded.values():
+                model.close()
+            cls._loaded.clear()
+
+    def add_adapter(self, name: str, adapter_dir: str | Path) -> None:
+        """Attach a LoRA adapter saved by PEFT under `name`, unmerged; loading the same name again is a no-op."""
+        adapter_dir = Path(adapter_dir)
+        with self._lock:
+            if name in self.adapters:
+                if self.adapters[name] != adapter_dir:
+                    raise ModelError(f"Adapter name {name!r} is already attached from {self.adapters[name]}.")
+                return
+            from peft import PeftModel
+
+            if not (adapter_dir / "adapter_config.json").exists():
+                raise ModelError(f"No LoRA adapter in {adapter_dir} (adapter_config.json is missing).")
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(adapter_dir), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name)
+            self.model.eval()
+            self.adapters[name] = adapter_dir
+
+    def generate(
+        self, prompt: str, *, max_new_tokens: int = 256, stop: tuple[str, ...] = (), adapter: str | None = None
+    ) -> Generation:
+        """Queue one prompt and block until its batch is generated."""
+        if adapter is not None and adapter not in self.adapters:
+            raise ModelError(f"Adapter {adapter!r} is not attached to {self.name}; attached: {sorted(self.adapters)}.")
+        pending = _Pending(prompt, max_new_tokens, tuple(stop), adapter)
+        self._ensure_worker()
+        self._queue.put(pending)
+        return pending.future.result()
+
+    def close(self) -> None:
+        """Stop the worker thread; queued requests are still served first."""
+        if self._worker is not None and self._worker.is_alive():
+            self._queue.put(None)
+            self._worker.join(timeout=60)
+        self._worker = None
+
+    def _ensure_worker(self) -> None:
+        with self._lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._serve, name=f"nesycd-lm-{self.name}", daemon=True)
+                self._worker.start()
+
+    def _serve(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.config.batch_wait_s
+            stop_after = False
+            while len(batch) < self.config.max_batch_size:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop_after = True
+                    break
+                batch.append(item)
+            self._run_batch(batch)
+            if stop_after:
+                return
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        groups: dict[str | None, list[_Pending]] = {}
+        for item in batch:
+            groups.setdefault(item.adapter, []).append(item)
+        for adapter, items in groups.items():
+            try:
+                results = self._generate_group(items, adapter)
+            except Exception as error:  # handed to every waiting caller, which re-raises it
+                logger.exception("Batched generation failed for %d requests on %s", len(items), self.name)
+                for item in items:
+                    item.future.set_exception(error)
+                continue
+            for item, result in zip(items, results):
+                item.future.set_result(result)
+
+    def _generate_group(self, items: list[_Pending], adapter: str | None) -> list[Generation]:
+        import torch
+
+        encoded = [
+            self.tokenizer(item.prompt, add_special_tokens=False)["input_ids"][-self.config.max_prompt_tokens :]
+            for item in items
+        ]
+        order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
+        results: list[Generation | None] = [None] * len(items)
+        ordered = [items[i] for i in order]
+        ordered_ids = [encoded[i] for i in order]
+
+        width = max(len(ids) for ids in ordered_ids)
+        pad_id = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(ordered), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(ordered), width), dtype=torch.long)
+        for row, ids in enumerate(ordered_ids):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
+
+        stopping = _PerRowStop(self.tokenizer, width, [i.stop for i in ordered], [i.max_new_tokens for i in ordered])
+        with self._lock, torch.inference_mode(), self._adapter_context(adapter):
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                max_new_tokens=max(i.max_new_tokens for i in ordered),
+                do_sample=False,
+                pad_token_id=pad_id,
+                stopping_criteria=[stopping],
+            )
+
+        for row, original_index in enumerate(order):
+            item = ordered[row]
+            new_ids = output[row, width:].tolist()
+            new_ids = _strip_after_eos(new_ids, self.tokenizer.eos_token_id, pad_id)[: item.max_new_tokens]
+            text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+            text, stopped = _cut_at_stop(text, item.stop)
+            hit_eos = len(new_ids) < item.max_new_tokens
+            results[original_index] = Generation(
+                text=text,
+                prompt_tokens=len(ordered_ids[row]),
+                completion_tokens=len(new_ids),
+                finish_reason="stop" if stopped or hit_eos else "length",
+            )
+        return results  # type: ignore[return-value]
+
+    def _adapter_context(self, adapter: str | None):
+        from contextlib import nullcontext
+
+        if not self.adapters:
+            return nullcontext()
+        if adapter is None:
+            return self.model.disable_adapter()
+        self.model.set_adapter(adapter)
+        return nullcontext()
+
+
+class _PerRowStop:
+    """Stopping criterion that finishes each row on its own stop strings or its own token limit."""
+
+    def __init__(self, tokenizer, prompt_width: int, stops: list[tuple[str, ...]], limits: list[int]):
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+        self.stops = stops
+        self.limits = limits
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        generated = input_ids.shape[1] - self.prompt_width
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        for row in range(input_ids.shape[0]):
+            if generated >= self.limits[row]:
+                done[row] = True
+                continue
+            if self.stops[row]:
+                tail = self.tokenizer.decode(input_ids[row, self.prompt_width :][-32:], skip_special_tokens=True)
+                done[row] = any(stop in tail for stop in self.stops[row])
+        return done
+
+
+def _strip_after_eos(ids: list[int], eos_id: int | None, pad_id: int | None) -> list[int]:
+    for index, token in enumerate(ids):
+        if token == eos_id or (token == pad_id and pad_id != eos_id):
+            return ids[:index]
+    return ids
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    cut = min((text.find(stop) for stop in stops if stop in text), default=-1)
+    if cut >= 0:
+        return text[:cut], True
+    return text, False
+
+
+class LocalEngine:
+    """A DSPy engine (`complete(Request) -> Response`) backed by a shared `LocalModel`.
+
+    Args:
+        model: the loaded model that serves the requests.
+        adapter: the attached LoRA adapter this engine uses, or None for the base weights.
+        default_max_tokens: the limit used when a request sets no `max_tokens`.
+    """
+
+    def __init__(self, model: LocalModel, *, adapter: str | None = None, default_max_tokens: int = 256):
+        self.model = model
+        self.adapter = adapter
+        self.default_max_tokens = default_max_tokens
+
+    def complete(self, request):
+        from dspy.lm15 import Message, Response, TextPart, Usage
+
+        from nesycd.tracing.usage import set_usage
+
+        prompt = self.render_prompt(request)
+        generation = self.model.generate(
+            prompt,
+            max_new_tokens=request.config.max_tokens or self.default_max_tokens,
+            stop=tuple(request.config.stop or ()),
+            adapter=self.adapter,
+        )
+        set_usage(generation.prompt_tokens, generation.completion_tokens)
+        return Response(
+            id=None,
+            model=self.model.name,
+            message=Message.assistant((TextPart(generation.text),)),
+            finish_reason="stop" if generation.finish_reason == "stop" else "length",
+            usage=Usage(input_tokens=generation.prompt_tokens, output_tokens=generation.completion_tokens),
+        )
+
+    def render_prompt(self, request) -> str:
+        """Return the text the model continues: one user message is used verbatim (no chat template)."""
+        system = request.system if isinstance(request.system, str) or request.system is None else "".join(
+            part.text for part in request.system
+        )
+        texts = [(message.role, message.text or "") for message in request.messages]
+        if not system and len(texts) == 1 and texts[0][0] == "user":
+            return texts[0][1]
+        chat = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": role, "content": text} for role, text in texts
+        ]
+        if getattr(self.model.tokenizer, "chat_template", None):
+            return self.model.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        return "\n\n".join(message["content"] for message in chat)
+
+    def stream(self, request):
+        from dspy.lm15 import response_to_events
+
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        """Leave the shared model loaded; `LocalModel.unload_all` frees it."""

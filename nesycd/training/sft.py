@@ -1,0 +1,236 @@
+"""LoRA supervised fine-tuning with TRL and PEFT: completion-only loss with per-view loss weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from nesycd.errors import TrainingError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoraTrainingConfig:
+    """LoRA fine-tuning settings.
+
+    Args:
+        rank: LoRA rank r.
+        alpha: LoRA scaling alpha.
+        dropout: dropout on the LoRA input.
+        target_modules: PEFT target modules; "all-linear" adapts every linear layer but the head.
+        learning_rate: peak learning rate (constant after `warmup_steps`).
+        epochs: passes over the rows.
+        batch_size: rows per optimizer step.
+        max_length: longer rows are cut to this many tokens.
+        warmup_steps: linear warm-up steps.
+        seed: seed for the LoRA initialisation and the row order.
+        bf16: bf16 autocast; off by default because it is not faster on every CPU.
+        gradient_checkpointing: trade compute for memory.
+    """
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str = "all-linear"
+    learning_rate: float = 1e-3
+    epochs: float = 2.0
+    batch_size: int = 8
+    max_length: int = 1024
+    warmup_steps: int = 0
+    seed: int = 42
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainingResult:
+    """What one LoRA job produced."""
+
+    adapter_dir: Path
+    adapter_sha256: str
+    n_rows: int
+    rows_by_view: dict[str, int]
+    loss_curve: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def train_lora(
+    base_model: str | Path,
+    rows: list[dict],
+    output_dir: str | Path,
+    *,
+    config: LoraTrainingConfig | None = None,
+    view_weights: dict[str, float] | None = None,
+) -> TrainingResult:
+    """Train a fresh LoRA adapter on prompt/completion rows and save it to `output_dir`.
+
+    Each row is a dict with `prompt`, `completion` and `view`. The loss covers completion tokens
+    only; a row's token losses are multiplied by the weight of its view (default 1.0), and the
+    batch loss is their sum over the number of completion tokens.
+
+    Raises:
+        TrainingError: no rows, a row without prompt/completion, or a negative weight.
+    """
+    config = config or LoraTrainingConfig()
+    view_weights = dict(view_weights or {})
+    _check_rows(rows, view_weights)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+
+    dataset = Dataset.from_list(
+        [
+            {"prompt": row["prompt"], "completion": row["completion"], "loss_weight": float(view_weights.get(row["view"], 1.0))}
+            for row in rows
+        ]
+    )
+    args = SFTConfig(
+        output_dir=str(output_dir / "checkpoints"),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=config.warmup_steps,
+        max_length=config.max_length,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=config.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=config.gradient_checkpointing,
+        completion_only_loss=True,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    peft_config = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    trainer = _weighted_trainer_class()(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+    )
+    trainer.data_collator = _WeightedCollator(trainer.data_collator)
+    try:
+        trainer.train()
+    except RuntimeError as error:
+        raise TrainingError(f"LoRA training on {len(rows)} rows from {base_model} failed: {error}") from error
+
+    adapter_dir = output_dir / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
+    loss_curve = [
+        {"step": entry["step"], "loss": entry["loss"]} for entry in trainer.state.log_history if "loss" in entry
+    ]
+    (output_dir / "loss_curve.json").write_text(json.dumps(loss_curve, indent=1))
+    (output_dir / "training_config.json").write_text(
+        json.dumps({"base_model": str(base_model), "config": asdict(config), "view_weights": view_weights}, indent=1)
+    )
+    rows_by_view: dict[str, int] = {}
+    for row in rows:
+        rows_by_view[row["view"]] = rows_by_view.get(row["view"], 0) + 1
+    seconds = time.perf_counter() - started
+    logger.info("Trained LoRA on %d rows in %.1f s; adapter in %s", len(rows), seconds, adapter_dir)
+
+    del trainer, model
+    return TrainingResult(
+        adapter_dir=adapter_dir,
+        adapter_sha256=adapter_sha256(adapter_dir),
+        n_rows=len(rows),
+        rows_by_view=rows_by_view,
+        loss_curve=loss_curve,
+        train_seconds=seconds,
+    )
+
+
+def adapter_sha256(adapter_dir: str | Path) -> str:
+    """Return the sha256 of the adapter weights file (adapter_model.safetensors)."""
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_rows(rows: list[dict], view_weights: dict[str, float]) -> None:
+    if not rows:
+        raise TrainingError("No training rows. The previous stage produced nothing to fine-tune on.")
+    for index, row in enumerate(rows):
+        for key in ("prompt", "completion", "view"):
+            if not isinstance(row.get(key), str) or not row[key]:
+                raise TrainingError(f"Training row {index} has no {key!r} text: {str(row)[:200]}")
+    for view, weight in view_weights.items():
+        if weight < 0:
+            raise TrainingError(f"Loss weight for view {view!r} is {weight}; weights must be >= 0.")
+
+
+class _WeightedCollator:
+    """Wraps TRL's collator and adds the per-row `loss_weight` tensor it would drop."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        batch = self.base([{key: value for key, value in row.items() if key != "loss_weight"} for row in examples])
+        batch["loss_weight"] = torch.tensor([float(row.get("loss_weight", 1.0)) for row in examples])
+        return batch
+
+
+_TRAINER_CLASS = None
+
+
+def _weighted_trainer_class():
+    """Build (once) an SFTTrainer subclass whose loss multiplies each row's tokens by its weight."""
+    global _TRAINER_CLASS
+    if _TRAINER_CLASS is not None:
+        return _TRAINER_CLASS
+
+    import torch
+    from trl import SFTTrainer
+
+    class WeightedSFTTrainer(SFTTrainer):
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "loss_weight" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "loss_weight"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            weights = inputs.pop("loss_weight", None)
+            if weights is None or bool(torch.all(weights == 1.0)):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)
+            per_token_loss = -outputs.log_probs * weights.to(outputs.log_probs.dtype)[:, None]
+            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+            return (loss, outputs) if return_outputs else loss
+
+    _TRAINER_CLASS = WeightedSFTTrainer
+    return _TRAINER_CLASS

@@ -1,0 +1,580 @@
+"""The NesyCD optimizer: general distillation, failure collection, symbolic knowledge, KB-augmented distillation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import dspy
+from dspy.teleprompt import Teleprompter
+
+from nesycd.adapter import KnowledgeWriter, ReasonStep, format_prompt, strip_answer_sentence, training_row
+from nesycd.errors import ConfigError, KnowledgeBaseError, TeacherError
+from nesycd.parallel import run_parallel
+from nesycd.training.sft import LoraTrainingConfig
+
+logger = logging.getLogger(__name__)
+
+STAGES = (
+    "teacher_rationales",
+    "sft_general",
+    "collect_demonstrations",
+    "write_knowledge",
+    "sft_kb",
+    "evaluate",
+)
+
+
+@dataclass(frozen=True)
+class NesyCDConfig:
+    """Settings of one NesyCD compile.
+
+    Args:
+        student: the student model (packaged id, local folder or Hugging Face id); fine-tuned with LoRA.
+        teacher: the teacher model; a local model or a litellm model string such as `openai/<model>`.
+        teacher_api_base: base URL of an OpenAI-compatible server for a litellm teacher.
+        lora: LoRA settings, shared by both fine-tunings.
+        kb_lora_epochs: epochs of the KB-augmented fine-tuning (None: same as `lora.epochs`).
+        view_weights: loss weight per view of the KB-augmented fine-tuning: `kb_cot` (knowledge +
+            question -> rationale), `cot` (question -> rationale), `answer` (question -> answer).
+        teacher_sees_gold: show the gold answer to the teacher when it writes knowledge.
+        threads: concurrent requests; the in-process LM batches them into one `generate` call.
+        student_max_tokens: generation limit of the student, in tokens.
+        teacher_max_tokens: generation limit of the teacher, in tokens.
+        embedder: sentence-transformers model for the knowledge base (None: packaged all-MiniLM-L6-v2).
+        evaluate_baselines: also evaluate the base student and the Std-CoT student on the test set.
+    """
+
+    student: str = "smollm2-135m"
+    teacher: str = "smollm2-135m"
+    teacher_api_base: str | None = None
+    lora: LoraTrainingConfig = field(default_factory=LoraTrainingConfig)
+    kb_lora_epochs: float | None = None
+    view_weights: dict[str, float] = field(default_factory=lambda: {"kb_cot": 1.0, "cot": 1.0, "answer": 1.0})
+    teacher_sees_gold: bool = False
+    threads: int = 8
+    student_max_tokens: int = 160
+    teacher_max_tokens: int = 192
+    embedder: str | None = None
+    evaluate_baselines: bool = True
+
+    def fingerprint(self, *parts: Any) -> str:
+        """Return a short hash of this config and `parts` (the inputs of a stage)."""
+        payload = json.dumps([asdict(self), *parts], sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class CompileResult:
+    """What a compile produced, besides the compiled program."""
+
+    run_dir: Path
+    results: dict[str, dict[str, float]]
+    stage_seconds: dict[str, float]
+    adapters: dict[str, Path]
+    kb_entries: int
+
+
+class NesyCD(Teleprompter):
+    """Distil a teacher's reasoning into a student program with NesyCD.
+
+    Stages, each recorded in the run's DuckDB traces:
+
+    1. `teacher_rationales`: the teacher answers every training question with few-shot chain of
+       thought; rationales whose answer the metric accepts are kept.
+    2. `sft_general`: LoRA fine-tuning of the student on the kept rationales (the Std-CoT student).
+    3. `collect_demonstrations`: the Std-CoT student answers the training set; its wrong or
+       unparseable answers are the error cases.
+    4. `write_knowledge`: the teacher writes one knowledge-base entry (learning summary and
+       supplementary knowledge) per error case; entries are embedded and stored in Qdrant.
+    5. `sft_kb`: a fresh LoRA from the base student over three views (retrieved knowledge +
+       question -> rationale, question -> rationale, question -> answer) with per-view loss weights.
+    6. `evaluate`: base, Std-CoT and NesyCD students on the test set.
+
+    Args:
+        metric: `metric(example, prediction, trace=None) -> bool`.
+        run_dir: the run folder (traces, knowledge base, adapters, reports).
+        config: compile settings.
+        demos: few-shot chain-of-thought demonstrations for the teacher (dicts or Examples with
+            task, question, reasoning, answer).
+        store: an open `nesycd.tracing.TraceStore` for this run.
+
+    Example:
+        >>> optimizer = NesyCD(metric, run_dir=Path("runs/bbh/r1"), store=TraceStore("runs/bbh/r1/traces.duckdb"))
+        >>> compiled = optimizer.compile(program, trainset=train, testset=test)
+    """
+
+    def __init__(
+        self,
+        metric: Callable,
+        *,
+        run_dir: str | Path,
+        store,
+        config: NesyCDConfig | None = None,
+        demos: list | None = None,
+        show_progress: bool = True,
+    ):
+        super().__init__()
+        self.metric = metric
+        self.run_dir = Path(run_dir)
+        self.store = store
+        self.config = config or NesyCDConfig()
+        self.demos = list(demos or [])
+        self.show_progress = show_progress
+        self.result: CompileResult | None = None
+        self._check_config()
+
+    def compile(self, student, *, trainset, teacher=None, valset=None, testset=None, **kwargs):
+        """Run all stages and return the compiled student program (NesyCD adapter + bound knowledge base).
+
+        Args:
+            student: the program (a dspy.Module with a `retriever` and a `ReasonStep`).
+            trainset: training examples (inputs question, task, task_description; labels answer).
+            teacher: an optional `dspy.LM` to use as the teacher instead of `config.teacher`.
+            valset: unused; accepted for the DSPy optimizer contract.
+            testset: examples for the final evaluation (skipped when empty).
+        """
+        from nesycd.lm import make_lm
+
+        if not trainset:
+            raise ConfigError("The training set is empty. Load more data or raise --train-per-task.")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        teacher_lm = teacher or make_lm(
+            self.config.teacher,
+            role="teacher",
+            api_base=self.config.teacher_api_base,
+            max_tokens=self.config.teacher_max_tokens,
+        )
+        seconds: dict[str, float] = {}
+        adapters: dict[str, Path] = {}
+
+        started = time.perf_counter()
+        rationales = self._teacher_rationales(student, trainset, teacher_lm)
+        seconds["teacher_rationales"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        adapters["std_cot"] = self._sft_general(trainset, rationales)
+        seconds["sft_general"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        errors = self._collect_demonstrations(student, trainset, adapters["std_cot"])
+        seconds["collect_demonstrations"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        kb = self._write_knowledge(errors, teacher_lm)
+        seconds["write_knowledge"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        adapters["nesycd"] = self._sft_kb(student, trainset, rationales, kb)
+        seconds["sft_kb"] = time.perf_counter() - started
+
+        compiled = self._student_program(student, adapter=("nesycd", adapters["nesycd"]), kb=kb)
+
+        started = time.perf_counter()
+        results = self._evaluate(student, testset or [], adapters, kb) if testset else {}
+        seconds["evaluate"] = time.perf_counter() - started
+
+        self.result = CompileResult(self.run_dir, results, seconds, adapters, kb.count())
+        self.kb = kb
+        compiled._compiled = True
+        return compiled
+
+    # Stage 1 ---------------------------------------------------------------------------------
+
+    def _teacher_rationales(self, student, trainset, teacher_lm) -> dict[str, dict[str, str]]:
+        fingerprint = self.config.fingerprint("teacher_rationales", [ex.id for ex in trainset], len(self.demos))
+        with self.store.stage("teacher_rationales", fingerprint) as stage:
+            teacher_program = self._copy_program(student, lm=teacher_lm)
+            for predictor in _reason_steps(teacher_program):
+                predictor.demos = [_demo_dict(demo) for demo in self.demos]
+
+            outcomes = run_parallel(
+                lambda ex: teacher_program(**ex.inputs()), trainset, threads=self.config.threads,
+                desc="teacher rationales", show_progress=self.show_progress,
+            )
+            rationales: dict[str, dict[str, str]] = {}
+            for outcome in outcomes:
+                example, prediction = outcome.example, outcome.prediction
+                correct = prediction is not None and bool(self.metric(example, prediction))
+                self._record_prediction("teacher", example, prediction, correct, outcome.error)
+                if outcome.error:
+                    self._record_failure("teacher_error", example, None, outcome.error)
+                if correct:
+                    rationales[example.id] = {
+                        "reasoning": strip_answer_sentence(prediction.reasoning),
+                        "answer": example.answer,
+                    }
+            _write_jsonl(self.run_dir / "teacher_rationales.jsonl", [{"id": k, **v} for k, v in rationales.items()])
+            stage.counts.update(questions=len(trainset), correct=len(rationales))
+            logger.info("Teacher answered %d of %d training questions correctly", len(rationales), len(trainset))
+            if not rationales:
+                raise TeacherError(
+                    f"The teacher ({self.config.teacher}) answered none of the {len(trainset)} training questions "
+                    "correctly, so there is no rationale to distil. Use a stronger teacher (--teacher), or more "
+                    "training questions (--train-per-task)."
+                )
+        return rationales
+
+    # Stage 2 ---------------------------------------------------------------------------------
+
+    def _sft_general(self, trainset, rationales) -> Path:
+        rows = [
+            {**training_row("cot", task_description=ex.task_description, question=ex.question, **rationales[ex.id]), "view": "cot"}
+            for ex in trainset
+            if ex.id in rationales
+        ]
+        fingerprint = self.config.fingerprint("sft_general", _rows_hash(rows))
+        with self.store.stage("sft_general", fingerprint) as stage:
+            adapter_dir = self._train("sft_general", "std_cot", rows, epochs=None)
+            stage.counts.update(rows=len(rows))
+        return adapter_dir
+
+    # Stage 3 ---------------------------------------------------------------------------------
+
+    def _collect_demonstrations(self, student, trainset, std_cot_adapter: Path) -> list[dict]:
+        from nesycd.lm import make_lm
+
+        fingerprint = self.config.fingerprint("collect_demonstrations", [ex.id for ex in trainset], str(std_cot_adapter))
+        with self.store.stage("collect_demonstrations", fingerprint) as stage:
+            lm = make_lm(
+                self.config.student, role="student", adapter=("std_cot", str(std_cot_adapter)),
+                max_tokens=self.config.student_max_tokens,
+            )
+            program = self._copy_program(student, lm=lm)
+            outcomes = run_parallel(
+                lambda ex: program(**ex.inputs()), trainset, threads=self.config.threads,
+                desc="collect demonstrations", show_progress=self.show_progress,
+            )
+            errors = []
+            for outcome in outcomes:
+                example, prediction = outcome.example, outcome.prediction
+                correct = prediction is not None and bool(self.metric(example, prediction))
+                self._record_prediction("std_cot", example, prediction, correct, outcome.error)
+                if correct:
+                    continue
+                if outcome.error:
+                    kind, response = "error", ""
+                elif prediction.answer is None:
+                    kind, response = "unparseable", prediction.reasoning
+                else:
+                    kind, response = "wrong", prediction.reasoning
+                failure_id = self._record_failure(kind, example, response, outcome.error)
+                errors.append({"failure_id": failure_id, "kind": kind, "example": example, "response": response})
+            _write_jsonl(
+                self.run_dir / "error_cases.jsonl",
+                [{"failure_id": e["failure_id"], "id": e["example"].id, "kind": e["kind"], "response": e["response"]} for e in errors],
+            )
+            stage.counts.update(questions=len(trainset), correct=len(trainset) - len(errors), errors=len(errors))
+            logger.info("Std-CoT student got %d of %d training questions wrong", len(errors), len(trainset))
+        return errors
+
+    # Stage 4 ---------------------------------------------------------------------------------
+
+    def _write_knowledge(self, errors: list[dict], teacher_lm):
+        from nesycd.knowledge import Embedder, KnowledgeEntry, KnowledgeStore, parse_teacher_entry
+
+        fingerprint = self.config.fingerprint("write_knowledge", [e["failure_id"] for e in errors])
+        with self.store.stage("write_knowledge", fingerprint) as stage:
+            writer = KnowledgeWriter()
+            writer.lm = teacher_lm
+            show_gold = self.config.teacher_sees_gold
+
+            def write(error):
+                example = error["example"]
+                return writer(
+                    task_description=example.task_description,
+                    question=example.question,
+                    student_response=error["response"],
+                    gold_answer=example.answer if show_gold else None,
+                )
+
+            outcomes = run_parallel(
+                write, errors, threads=self.config.threads, desc="write knowledge", show_progress=self.show_progress
+            )
+            entries = []
+            rejected = 0
+            for outcome in outcomes:
+                error, example = outcome.example, outcome.example["example"]
+                if outcome.error:
+                    self._record_failure("teacher_error", example, None, outcome.error, stage_detail=error["failure_id"])
+                    rejected += 1
+                    continue
+                try:
+                    summary, knowledge = parse_teacher_entry(outcome.prediction.reply)
+                except KnowledgeBaseError as parse_error:
+                    self._record_failure("kb_parse", example, outcome.prediction.reply, str(parse_error))
+                    rejected += 1
+                    continue
+                entries.append(
+                    KnowledgeEntry(
+                        task=example.task,
+                        learning_summary=summary,
+                        supplementary_knowledge=knowledge,
+                        key=f"{example.task_description}\n{example.question}",
+                        source_example_id=example.id,
+                        source_run=self.store.run_id,
+                        teacher_model=self.config.teacher,
+                        failure_id=error["failure_id"],
+                    )
+                )
+
+            kb = KnowledgeStore(self.run_dir / "kb", collection="nesycd_kb", embedder=Embedder(self.config.embedder))
+            if entries:
+                kb.add(entries)
+            for entry in entries:
+                self.store.record(
+                    "kb_entries",
+                    {
+                        "entry_id": entry.id,
+                        "failure_id": entry.failure_id,
+                        "example_id": entry.source_example_id,
+                        "task": entry.task,
+                        "learning_summary": entry.learning_summary,
+                        "supplementary_knowledge": entry.supplementary_knowledge,
+                        "key_text": entry.key,
+                        "teacher_model": entry.teacher_model,
+                        "embedder": kb.embedder_id,
+                        "collection": kb.collection,
+                        "status": entry.status,
+                    },
+                )
+            stage.counts.update(error_cases=len(errors), entries=len(entries), rejected=rejected)
+            logger.info("Teacher wrote %d knowledge entries (%d replies rejected)", len(entries), rejected)
+        return kb
+
+    # Stage 5 ---------------------------------------------------------------------------------
+
+    def _sft_kb(self, student, trainset, rationales, kb) -> Path:
+        retriever = _copy_retriever(student)
+        retriever.bind(kb)
+        entry_ids = sorted(entry.id for entry in kb.entries())
+        fingerprint = self.config.fingerprint("sft_kb", sorted(rationales), entry_ids, [ex.id for ex in trainset])
+        with self.store.stage("sft_kb", fingerprint) as stage:
+            rows = []
+            for example in trainset:
+                common = {"task_description": example.task_description, "question": example.question}
+                if example.id in rationales:
+                    rationale = rationales[example.id]
+                    hits = retriever(query=_retrieval_query(example), task=example.task)
+                    if hits.passages:
+                        rows.append({**training_row("kb_cot", **common, **rationale, knowledge=hits.passages), "view": "kb_cot"})
+                    rows.append({**training_row("cot", **common, **rationale), "view": "cot"})
+                rows.append({**training_row("answer", **common, reasoning="", answer=example.answer), "view": "answer"})
+
+            adapter_dir = self._train("sft_kb", "nesycd", rows, epochs=self.config.kb_lora_epochs)
+            stage.counts.update(rows=len(rows), **{f"rows_{v}": sum(r["view"] == v for r in rows) for v in ("kb_cot", "cot", "answer")})
+        return adapter_dir
+
+    # Stage 6 ---------------------------------------------------------------------------------
+
+    def _evaluate(self, student, testset, adapters: dict[str, Path], kb) -> dict[str, dict[str, float]]:
+        from nesycd.lm import make_lm
+
+        fingerprint = self.config.fingerprint("evaluate", [ex.id for ex in testset], {k: str(v) for k, v in adapters.items()})
+        results: dict[str, dict[str, float]] = {}
+        with self.store.stage("evaluate", fingerprint) as stage:
+            configurations = [("nesycd", ("nesycd", adapters["nesycd"]), kb)]
+            if self.config.evaluate_baselines:
+                configurations = [("base", None, None), ("std_cot", ("std_cot", adapters["std_cot"]), None)] + configurations
+            for label, adapter, store in configurations:
+                lm = make_lm(
+                    self.config.student, role="student",
+                    adapter=None if adapter is None else (adapter[0], str(adapter[1])),
+                    max_tokens=self.config.student_max_tokens,
+                )
+                program = self._student_program(student, adapter=None, kb=store, lm=lm)
+                outcomes = run_parallel(
+                    lambda ex: program(**ex.inputs()), testset, threads=self.config.threads,
+                    desc=f"evaluate {label}", show_progress=self.show_progress,
+                )
+                per_task: dict[str, list[bool]] = {}
+                for outcome in outcomes:
+                    correct = outcome.prediction is not None and bool(self.metric(outcome.example, outcome.prediction))
+                    self._record_prediction(label, outcome.example, outcome.prediction, correct, outcome.error)
+                    per_task.setdefault(outcome.example.task, []).append(correct)
+                results[label] = _accuracies(per_task)
+                for task, values in sorted(per_task.items()):
+                    self.store.record(
+                        "evaluations",
+                        {"model_label": label, "task": task, "n": len(values), "correct": sum(values),
+                         "accuracy": sum(values) / len(values)},
+                    )
+                all_values = [v for values in per_task.values() for v in values]
+                self.store.record(
+                    "evaluations",
+                    {"model_label": label, "task": "ALL", "n": len(all_values), "correct": sum(all_values),
+                     "accuracy": sum(all_values) / max(1, len(all_values))},
+                )
+            stage.counts.update(questions=len(testset), students=len(configurations))
+        (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        return results
+
+    # Helpers ---------------------------------------------------------------------------------
+
+    def _train(self, stage_name: str, adapter_name: str, rows: list[dict], epochs: float | None) -> Path:
+        from nesycd.lm import resolve_model
+        from nesycd.training.sft import train_lora
+
+        lora = self.config.lora
+        if epochs is not None:
+            lora = LoraTrainingConfig(**{**asdict(lora), "epochs": epochs})
+        base = resolve_model(self.config.student)
+        weights = self.config.view_weights if stage_name == "sft_kb" else {}
+        job_id = uuid.uuid4().hex
+        try:
+            result = train_lora(base.path, rows, self.run_dir / "adapters" / adapter_name, config=lora, view_weights=weights)
+        except Exception as error:
+            self.store.record(
+                "finetune_jobs",
+                {"job_id": job_id, "base_model": self.config.student, "n_rows": len(rows), "status": "failed",
+                 "config": asdict(lora), "loss_weights": weights},
+            )
+            raise
+        self.store.record(
+            "finetune_jobs",
+            {
+                "job_id": job_id,
+                "base_model": self.config.student,
+                "adapter_path": str(result.adapter_dir),
+                "adapter_sha256": result.adapter_sha256,
+                "n_rows": result.n_rows,
+                "rows_by_view": result.rows_by_view,
+                "loss_weights": weights,
+                "config": asdict(lora),
+                "loss_curve": result.loss_curve,
+                "train_seconds": result.train_seconds,
+                "status": "succeeded",
+            },
+        )
+        return result.adapter_dir
+
+    def _copy_program(self, program, *, lm, retriever=None):
+        """Return a copy of `program` whose predictors use `lm` and whose retriever is `retriever` (default none)."""
+        from nesycd.knowledge import NoRetriever
+
+        return _copy_with(program, lm=lm, retriever=retriever or NoRetriever())
+
+    def _student_program(self, student, *, adapter, kb, lm=None):
+        from nesycd.knowledge import NoRetriever
+        from nesycd.lm import make_lm
+
+        if lm is None:
+            lm = make_lm(
+                self.config.student, role="student",
+                adapter=None if adapter is None else (adapter[0], str(adapter[1])),
+                max_tokens=self.config.student_max_tokens,
+            )
+        if kb is None:
+            return _copy_with(student, lm=lm, retriever=NoRetriever())
+        retriever = _copy_retriever(student)
+        retriever.bind(kb)
+        return _copy_with(student, lm=lm, retriever=retriever)
+
+    def _record_prediction(self, label, example, prediction, correct, error) -> None:
+        self.store.record(
+            "predictions",
+            {
+                "model_label": label,
+                "example_id": example.id,
+                "task": example.task,
+                "question": example.question,
+                "output": None if prediction is None else prediction.reasoning,
+                "answer": None if prediction is None else prediction.answer,
+                "gold": example.answer,
+                "correct": bool(correct),
+                "knowledge": None if prediction is None else list(getattr(prediction, "knowledge", None) or []),
+            },
+        )
+
+    def _record_failure(self, kind, example, output, detail, stage_detail=None) -> str:
+        failure_id = uuid.uuid4().hex
+        self.store.record(
+            "failures",
+            {
+                "failure_id": failure_id,
+                "example_id": example.id,
+                "task": example.task,
+                "kind": kind,
+                "question": example.question,
+                "output": output,
+                "gold": example.answer,
+                "detail": detail if stage_detail is None else f"{detail} (error case {stage_detail})",
+            },
+        )
+        return failure_id
+
+    def _check_config(self) -> None:
+        unknown = set(self.config.view_weights) - {"kb_cot", "cot", "answer"}
+        if unknown:
+            raise ConfigError(f"Unknown loss-weight views {sorted(unknown)}; use kb_cot, cot and answer.")
+        if any(weight < 0 for weight in self.config.view_weights.values()):
+            raise ConfigError(f"Loss weights must be >= 0, got {self.config.view_weights}.")
+        if self.config.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.config.threads}.")
+
+
+def _reason_steps(program) -> list[ReasonStep]:
+    return [predictor for _, predictor in program.named_predictors() if isinstance(predictor, ReasonStep)]
+
+
+def _copy_with(program, *, lm, retriever):
+    """Deep-copy `program` without its LMs and retriever (which hold models and clients), then set both."""
+    saved_lms = [(predictor, predictor.lm) for predictor in program.predictors()]
+    saved_retriever = program.retriever
+    for predictor, _ in saved_lms:
+        predictor.lm = None
+    program.retriever = None
+    try:
+        copy = program.deepcopy()
+    finally:
+        for predictor, original in saved_lms:
+            predictor.lm = original
+        program.retriever = saved_retriever
+    copy.set_lm(lm)
+    copy.retriever = retriever
+    return copy
+
+
+def _copy_retriever(program):
+    """Return an unbound retriever configured like the program's own."""
+    from nesycd.knowledge import make_retriever
+
+    return make_retriever(program.retriever.config())
+
+
+def _retrieval_query(example) -> str:
+    return f"{example.task_description}\n{example.question}"
+
+
+def _demo_dict(demo) -> dict:
+    data = demo.toDict() if hasattr(demo, "toDict") else dict(demo)
+    return {key: data[key] for key in ("task", "question", "reasoning", "answer") if key in data}
+
+
+def _accuracies(per_task: dict[str, list[bool]]) -> dict[str, float]:
+    scores = {task: sum(values) / len(values) for task, values in sorted(per_task.items())}
+    all_values = [value for values in per_task.values() for value in values]
+    scores["ALL"] = sum(all_values) / max(1, len(all_values))
+    scores["TASK_MEAN"] = sum(v for k, v in scores.items() if k != "ALL") / max(1, len(per_task))
+    return scores
+
+
+def _rows_hash(rows: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with path.open("w") as handle:
+        for record in records:
+            handle.write(json.dumps(record, default=str) + "\n")
+
+
+def prompt_for(example, knowledge: list[str] = ()) -> str:
+    """Return the inference prompt of `example` (used by tests to compare with fine-tuning rows)."""
+    return format_prompt(example.task_description, example.question, knowledge=knowledge)
