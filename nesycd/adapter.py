@@ -185,58 +185,60 @@ class WriteKnowledge(dspy.Signature):
     reply: str = dspy.OutputField(desc="the teacher's whole reply")
 
 
-# A hand-written worked example that shows the teacher the expected two-part reply.
-KNOWLEDGE_EXAMPLE_QUESTION = (
-    "Jan has 3 boxes with 12 pencils each. She gives away 10 pencils. How many pencils does she have left?"
-)
-KNOWLEDGE_EXAMPLE_RESPONSE = "Jan has 3 + 12 = 15 pencils. 15 - 10 = 5. Therefore, the answer is 5."
-KNOWLEDGE_EXAMPLE_REPLY = (
-    "Learning Summary: Read which operation each sentence describes before computing. \"3 boxes with 12 "
-    "each\" describes repeated groups, so it calls for multiplication, not addition. Compute the total "
-    "first, then apply the change, and check the result against the story.\n"
-    "Supplementary Knowledge:\n"
-    "1. Equal groups: total = number of groups x size of each group.\n"
-    "2. \"Gives away\" or \"loses\" means subtraction from the current total.\n"
-    "3. Check a result by plugging it back into the story: the final count cannot exceed the starting total."
-)
 KNOWLEDGE_INSTRUCTION = (
     "You are an expert teacher. A student answered the question below incorrectly. Analyse the student's "
     "response and write a learning summary and supplementary knowledge that would help the student solve "
     "questions of this kind. The learning summary explains the general approach and the pitfall, not this "
     "question's numbers. The supplementary knowledge is a numbered list of facts, definitions, formulas or "
-    "techniques. Keep both short and general. Reply with exactly two parts headed \"Learning Summary:\" and "
-    "\"Supplementary Knowledge:\"."
+    "techniques. Keep both short and general."
 )
+SUMMARY_HEADING = "Learning Summary:"
+KNOWLEDGE_HEADING = "Supplementary Knowledge:"
+SUMMARY_STOP = ("\nSupplementary", "\n\n", "\nTask:", "\nQuestion:")
+KNOWLEDGE_STOP = ("\n\n", "\nTask:", "\nQuestion:", "\nLearning Summary")
 
 
 def format_knowledge_prompt(
     task_description: str, question: str, student_response: str, gold_answer: str | None = None
 ) -> str:
-    """Render the teacher's prompt for one knowledge-base entry (one worked example, then the case)."""
-    example = (
-        f"Task: Solve grade-school math word problems.\nQuestion: {KNOWLEDGE_EXAMPLE_QUESTION}\n"
-        f"Student's wrong response: {KNOWLEDGE_EXAMPLE_RESPONSE}\n{KNOWLEDGE_EXAMPLE_REPLY}"
-    )
+    """Render the teacher's prompt for one knowledge-base entry; it ends with the summary heading.
+
+    There is no worked example in the prompt because small base models copy an example instead
+    of analysing the case.
+    """
     case = (
         f"Task: {task_description.strip()}\nQuestion: {question.strip()}\n"
         f"Student's wrong response: {_clean_student_response(student_response)}"
     )
     if gold_answer is not None:
         case += f"\nCorrect answer: {gold_answer}"
-    return f"{KNOWLEDGE_INSTRUCTION}\n\n{example}\n\n{case}\nLearning Summary:"
+    return f"{KNOWLEDGE_INSTRUCTION}\n\n{case}\n{SUMMARY_HEADING}"
 
 
-_HEADING_START = re.compile(r"^[\s#*\d.]*learning summary", re.IGNORECASE)
+def format_knowledge_continuation(prompt: str, summary: str) -> str:
+    """Render the second prompt: the first one, the teacher's summary, then the knowledge heading and "1."."""
+    return f"{prompt} {summary.strip()}\n{KNOWLEDGE_HEADING}\n1."
 
 
 def _clean_student_response(text: str, max_words: int = 200) -> str:
     words = text.strip().split()
+    if not words:
+        return "(empty response)"
     clipped = " ".join(words[:max_words])
-    return clipped + (" ..." if len(words) > max_words else "") if clipped else "(empty response)"
+    if len(words) > max_words:
+        clipped += " ..."
+    return clipped
 
 
 class KnowledgeWriterAdapter(dspy.Adapter):
-    """Renders `format_knowledge_prompt` and returns the teacher's whole reply, headed like the example."""
+    """Asks the teacher for an entry in two scaffolded calls and returns the assembled two-part reply.
+
+    The first call continues the prompt after "Learning Summary:" and stops at the next heading
+    or blank line. The second call continues after "Supplementary Knowledge:\n1.". Small base
+    models follow this scaffold where they ignore a format instruction, and instruction-tuned
+    models write each part on request. An empty part makes the reply unparseable, so the
+    optimizer records it as a failure.
+    """
 
     def format(self, signature, demos, inputs):
         prompt = format_knowledge_prompt(
@@ -245,18 +247,49 @@ class KnowledgeWriterAdapter(dspy.Adapter):
         return [{"role": "user", "content": prompt}]
 
     def parse(self, signature, completion: str) -> dict[str, Any]:
-        # The prompt ends with the first heading, so a continuation is put back under it; a chat
-        # model that repeats the heading keeps its own.
-        text = completion.strip()
-        if not _HEADING_START.match(text):
-            text = "Learning Summary: " + text
-        return {"reply": text}
+        return {"reply": completion}
 
     def __call__(self, lm, lm_kwargs, signature, demos, inputs):
-        messages = self.format(signature, demos, inputs)
-        stop = ["\nTask:", "\nQuestion:", "\n\n\n"]
-        outputs = lm(messages=messages, **{"stop": stop, **lm_kwargs})
-        return [self.parse(signature, _output_text(output)) for output in outputs]
+        prompt = self.format(signature, demos, inputs)[0]["content"]
+        raw_summary = _first_output(lm(messages=_user(prompt), **{"stop": list(SUMMARY_STOP), **lm_kwargs}))
+        summary = " ".join(remove_repetition(raw_summary))
+        if not summary:
+            return [self.parse(signature, f"{SUMMARY_HEADING}\n{KNOWLEDGE_HEADING}\n")]
+        continuation = format_knowledge_continuation(prompt, summary)
+        raw_knowledge = _first_output(lm(messages=_user(continuation), **{"stop": list(KNOWLEDGE_STOP), **lm_kwargs}))
+        items = remove_repetition(raw_knowledge)
+        knowledge = "\n".join(f"{number}. {item}" for number, item in enumerate(items, start=1))
+        return [self.parse(signature, f"{SUMMARY_HEADING} {summary}\n{KNOWLEDGE_HEADING}\n{knowledge}")]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_LIST_NUMBER = re.compile(r"^\s*\d+[.)]\s*")
+
+
+def remove_repetition(text: str) -> list[str]:
+    """Split a teacher's text into sentences and drop repeats, empty list items and echoed headings.
+
+    Small teachers loop ("The answer is X. The answer is X. ...") or emit bare list numbers
+    ("1. 2. 3."); only the first occurrence of each sentence carries information.
+    """
+    kept: list[str] = []
+    seen: set[str] = set()
+    for piece in _SENTENCE_END.split(text):
+        sentence = _LIST_NUMBER.sub("", piece).strip()
+        key = " ".join(sentence.lower().split())
+        if len(key) < 3 or key in seen or "learning summary" in key or "supplementary knowledge" in key:
+            continue
+        seen.add(key)
+        kept.append(sentence)
+    return kept
+
+
+def _user(content: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": content}]
+
+
+def _first_output(outputs) -> str:
+    return _output_text(outputs[0]) if outputs else ""
 
 
 class KnowledgeWriter(dspy.Predict):

@@ -20,7 +20,7 @@ class CompileOptions:
     program_file: Path
     data_dir: Path | None = None
     student: str = "smollm2-135m"
-    teacher: str = "smollm2-135m"
+    teacher: str = "gemma3-270m"
     teacher_api_base: str | None = None
     tasks: list[str] | None = None
     train_per_task: int | None = None
@@ -48,7 +48,7 @@ class CompileOptions:
 
 @dataclass
 class CompileSummary:
-    """Where a compile wrote its outputs, its results, and a printable report."""
+    """The run folder, the compiled folder, the results and a printable report of one compile."""
 
     run_dir: Path
     compiled_dir: Path

@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import logging
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +24,7 @@ REQUIRED = {
 
 @dataclass
 class ProgramSpec:
-    """What a program file defines."""
+    """The objects a program file defines, with its path and source hash."""
 
     path: Path
     name: str
@@ -95,3 +96,19 @@ def load_program(path: str | Path, *, attribute: str = "program") -> ProgramSpec
         defaults=dict(getattr(module, "DEFAULTS", {}) or {}),
         source_sha256=hashlib.sha256(source).hexdigest(),
     )
+
+
+@contextmanager
+def lms_detached(program):
+    """Set every predictor's LM to None for the duration, then restore them.
+
+    Local LMs hold loaded models and threads, which neither `deepcopy` nor `dump_state` can handle.
+    """
+    saved = [(predictor, predictor.lm) for predictor in program.predictors()]
+    for predictor, _ in saved:
+        predictor.lm = None
+    try:
+        yield program
+    finally:
+        for predictor, lm in saved:
+            predictor.lm = lm

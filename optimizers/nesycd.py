@@ -14,14 +14,15 @@ from typing import Any, Callable
 import dspy
 from dspy.teleprompt import Teleprompter
 
-from nesycd.adapter import KnowledgeWriter, ReasonStep, format_prompt, strip_answer_sentence, training_row
+from nesycd.adapter import KnowledgeWriter, ReasonStep, strip_answer_sentence, training_row
 from nesycd.errors import ConfigError, KnowledgeBaseError, TeacherError
 from nesycd.parallel import run_parallel
+from nesycd.program import lms_detached
 from nesycd.training.sft import LoraTrainingConfig
 
 logger = logging.getLogger(__name__)
 
-STAGES = (
+STAGES = (  # in the order they run
     "teacher_rationales",
     "sft_general",
     "collect_demonstrations",
@@ -52,7 +53,7 @@ class NesyCDConfig:
     """
 
     student: str = "smollm2-135m"
-    teacher: str = "smollm2-135m"
+    teacher: str = "gemma3-270m"
     teacher_api_base: str | None = None
     lora: LoraTrainingConfig = field(default_factory=LoraTrainingConfig)
     kb_lora_epochs: float | None = None
@@ -72,7 +73,7 @@ class NesyCDConfig:
 
 @dataclass
 class CompileResult:
-    """What a compile produced, besides the compiled program."""
+    """The outputs of a compile besides the compiled program: results, timings, adapters and KB size."""
 
     run_dir: Path
     results: dict[str, dict[str, float]]
@@ -213,6 +214,12 @@ class NesyCD(Teleprompter):
             _write_jsonl(self.run_dir / "teacher_rationales.jsonl", [{"id": k, **v} for k, v in rationales.items()])
             stage.counts.update(questions=len(trainset), correct=len(rationales))
             logger.info("Teacher answered %d of %d training questions correctly", len(rationales), len(trainset))
+            failed = [outcome.error for outcome in outcomes if outcome.error]
+            if failed and len(failed) == len(outcomes):
+                raise TeacherError(
+                    f"All {len(outcomes)} teacher calls to {self.config.teacher} failed. First error: {failed[0]}. "
+                    "Check --teacher, --teacher-api-base and the provider's API key variable."
+                )
             if not rationales:
                 raise TeacherError(
                     f"The teacher ({self.config.teacher}) answered none of the {len(trainset)} training questions "
@@ -489,6 +496,7 @@ class NesyCD(Teleprompter):
                 "gold": example.answer,
                 "correct": bool(correct),
                 "knowledge": None if prediction is None else list(getattr(prediction, "knowledge", None) or []),
+                "knowledge_ids": None if prediction is None else list(getattr(prediction, "knowledge_ids", None) or []),
             },
         )
 
@@ -525,16 +533,12 @@ def _reason_steps(program) -> list[ReasonStep]:
 
 def _copy_with(program, *, lm, retriever):
     """Deep-copy `program` without its LMs and retriever (which hold models and clients), then set both."""
-    saved_lms = [(predictor, predictor.lm) for predictor in program.predictors()]
     saved_retriever = program.retriever
-    for predictor, _ in saved_lms:
-        predictor.lm = None
     program.retriever = None
     try:
-        copy = program.deepcopy()
+        with lms_detached(program):
+            copy = program.deepcopy()
     finally:
-        for predictor, original in saved_lms:
-            predictor.lm = original
         program.retriever = saved_retriever
     copy.set_lm(lm)
     copy.retriever = retriever
@@ -574,7 +578,3 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
         for record in records:
             handle.write(json.dumps(record, default=str) + "\n")
 
-
-def prompt_for(example, knowledge: list[str] = ()) -> str:
-    """Return the inference prompt of `example` (used by tests to compare with fine-tuning rows)."""
-    return format_prompt(example.task_description, example.question, knowledge=knowledge)

@@ -123,3 +123,47 @@ def test_knowledge_prompt_hides_gold_by_default():
     prompt = format_knowledge_prompt(TASK, QUESTION, "wrong answer")
     assert "Correct answer" not in prompt
     assert "Correct answer: False" in format_knowledge_prompt(TASK, QUESTION, "wrong", gold_answer="False")
+
+
+class ScriptedEngine(RecordingEngine):
+    """Replies with the next of several completions, recording each prompt."""
+
+    def __init__(self, replies: list[str]):
+        super().__init__("")
+        self.replies = list(replies)
+
+    def complete(self, request):
+        self.reply = self.replies.pop(0)
+        return super().complete(request)
+
+
+def write_entry(replies: list[str]):
+    from nesycd.adapter import KnowledgeWriter
+
+    engine = ScriptedEngine(replies)
+    writer = KnowledgeWriter()
+    writer.lm = dspy.LM("scripted/engine", engine=engine, cache=False)
+    prediction = writer(task_description=TASK, question=QUESTION, student_response="True", gold_answer=None)
+    return engine.prompts, prediction.reply
+
+
+def test_knowledge_written_in_two_steps():
+    from nesycd.knowledge import parse_teacher_entry
+
+    prompts, reply = write_entry([" Apply not before and.", " not True is False.\n2. and needs two True sides."])
+    assert len(prompts) == 2
+    assert prompts[0].endswith("Learning Summary:")
+    assert prompts[1].endswith("Apply not before and.\nSupplementary Knowledge:\n1.")
+    summary, knowledge = parse_teacher_entry(reply)
+    assert summary == "Apply not before and."
+    assert knowledge == "1. not True is False.\n2. and needs two True sides."
+
+
+def test_empty_summary_unparseable():
+    from nesycd.errors import KnowledgeBaseError
+    from nesycd.knowledge import parse_teacher_entry
+
+    prompts, reply = write_entry(["   "])
+    assert len(prompts) == 1
+    with pytest.raises(KnowledgeBaseError):
+        parse_teacher_entry(reply)

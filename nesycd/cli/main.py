@@ -15,8 +15,6 @@ import typer
 from nesycd.errors import NesycdError
 
 app = typer.Typer(help="Distil an LLM's reasoning into a small model with NesyCD, as DSPy programs.", no_args_is_help=True)
-kb_app = typer.Typer(help="Read the knowledge base of a run or a compiled program.", no_args_is_help=True)
-app.add_typer(kb_app, name="kb")
 
 logger = logging.getLogger("nesycd")
 
@@ -50,7 +48,7 @@ def compile(
     program_file: Path = typer.Argument(..., help="Program file, e.g. programs/bbh.py."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder holding the benchmark data (default: NESYCD_DATA_DIR)."),
     student: str = typer.Option("smollm2-135m", help="Student model: packaged id, local folder or Hugging Face id."),
-    teacher: str = typer.Option("smollm2-135m", help="Teacher model: as --student, or a litellm string such as openai/<model>."),
+    teacher: str = typer.Option("gemma3-270m", help="Teacher model: as --student, or a litellm string such as openai/<model>."),
     teacher_api_base: Optional[str] = typer.Option(None, help="Base URL of an OpenAI-compatible teacher server."),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated task subset (default: the program's DEFAULTS)."),
     train_per_task: Optional[int] = typer.Option(None, help="Training questions per task (default: the program's DEFAULTS)."),
@@ -163,25 +161,14 @@ def traces(
         typer.echo(format_table(columns, rows))
 
 
-@kb_app.command("list")
-def kb_list(
-    path: Path = typer.Argument(..., help="A run folder, its compiled/ folder, or a Qdrant KB folder."),
-    limit: int = typer.Option(50, help="Entries to show."),
-):
-    """List knowledge-base entries: id, task and the start of the learning summary."""
-    from nesycd.knowledge import Embedder, KnowledgeStore
+def _register_command_groups() -> None:
+    from nesycd.cli import deploy, kb
 
-    folder = path
-    for candidate in (path / "kb", path / "compiled" / "kb"):
-        if candidate.is_dir():
-            folder = candidate
-            break
-    with KnowledgeStore(folder, embedder=Embedder()) as store:
-        entries = store.entries()
-    typer.echo(f"{len(entries)} entries in {folder}")
-    for entry in entries[:limit]:
-        summary = " ".join(entry.learning_summary.split())[:90]
-        typer.echo(f"{entry.id[:12]}  {entry.task:28s} {summary}")
+    kb.register(app)
+    deploy.register(app)
+
+
+_register_command_groups()
 
 
 if __name__ == "__main__":

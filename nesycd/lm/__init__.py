@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 from nesycd.lm.registry import PACKAGED_MODELS, ResolvedModel, is_remote, resolve_model
 
@@ -34,7 +36,8 @@ def make_lm(
     import dspy
 
     if is_remote(name) or api_base:
-        lm = dspy.LM(name, api_base=api_base, temperature=0.0, max_tokens=max_tokens, cache=True)
+        # litellm retries timeouts, rate limits and 5xx answers with exponential backoff.
+        lm = dspy.LM(name, api_base=api_base, temperature=0.0, max_tokens=max_tokens, cache=True, num_retries=3)
     else:
         from nesycd.lm.local import LocalEngine, LocalModel
 
@@ -42,10 +45,13 @@ def make_lm(
         model = LocalModel.load(resolved.path, name=name)
         adapter_name = None
         if adapter is not None:
-            adapter_name, adapter_dir = adapter
+            label, adapter_dir = adapter
+            # One process may load several runs' adapters of the same label, so the folder is part of the name.
+            folder_hash = hashlib.sha1(str(Path(adapter_dir).resolve()).encode()).hexdigest()[:10]
+            adapter_name = f"{label}-{folder_hash}"
             model.add_adapter(adapter_name, adapter_dir)
         engine = LocalEngine(model, adapter=adapter_name, default_max_tokens=max_tokens)
-        label = f"local/{name}" if adapter_name is None else f"local/{name}+{adapter_name}"
+        label = f"local/{name}" if adapter is None else f"local/{name}+{adapter[0]}"
         lm = dspy.LM(label, engine=engine, temperature=0.0, max_tokens=max_tokens, cache=False)
     lm.nesycd_role = role
     return lm

@@ -1,0 +1,68 @@
+"""LoRA fine-tuning: weights change where they should and nowhere else; row checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nesycd.errors import TrainingError
+from nesycd.training.sft import LoraTrainingConfig, adapter_sha256, train_lora
+
+ROWS = [
+    {"prompt": f"Question: {i} + 1?\nAnswer:", "completion": f" {i + 1}", "view": "answer" if i % 2 else "cot"}
+    for i in range(8)
+]
+
+
+def test_lora_changes_only_adapter(tiny_student, tmp_path):
+    before = load_file(str(tiny_student / "model.safetensors"))
+    result = train_lora(tiny_student, ROWS, tmp_path / "job", config=LoraTrainingConfig(epochs=2, batch_size=4))
+    after = load_file(str(tiny_student / "model.safetensors"))
+    lora = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    lora_b = [tensor for name, tensor in lora.items() if "lora_B" in name]
+    assert lora_b
+    assert any(float(tensor.abs().max()) > 0 for tensor in lora_b)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_loss_curve_and_counts(tiny_student, tmp_path):
+    result = train_lora(tiny_student, ROWS, tmp_path / "job", config=LoraTrainingConfig(epochs=1, batch_size=4))
+    assert len(result.loss_curve) == 2
+    assert result.rows_by_view == {"cot": 4, "answer": 4}
+    assert result.adapter_sha256 == adapter_sha256(result.adapter_dir)
+    saved = json.loads((tmp_path / "job" / "training_config.json").read_text())
+    assert saved["config"]["rank"] == 8
+
+
+def test_zero_weights_zero_loss(tiny_student, tmp_path):
+    result = train_lora(
+        tiny_student, ROWS, tmp_path / "job", config=LoraTrainingConfig(epochs=1, batch_size=4),
+        view_weights={"cot": 0.0, "answer": 0.0},
+    )
+    assert all(point["loss"] == 0.0 for point in result.loss_curve)
+
+
+def test_weight_scales_loss(tiny_student, tmp_path):
+    config = LoraTrainingConfig(epochs=1, batch_size=8, learning_rate=1e-9)
+    plain = train_lora(tiny_student, ROWS, tmp_path / "plain", config=config)
+    halved = train_lora(tiny_student, ROWS, tmp_path / "half", config=config, view_weights={"cot": 0.5, "answer": 0.5})
+    assert halved.loss_curve[0]["loss"] == pytest.approx(plain.loss_curve[0]["loss"] / 2, rel=1e-3)
+
+
+def test_empty_rows_rejected(tiny_student, tmp_path):
+    with pytest.raises(TrainingError, match="No training rows"):
+        train_lora(tiny_student, [], tmp_path / "job")
+
+
+def test_row_without_completion_rejected(tiny_student, tmp_path):
+    with pytest.raises(TrainingError, match="completion"):
+        train_lora(tiny_student, [{"prompt": "x", "completion": "", "view": "cot"}], tmp_path / "job")
+
+
+def test_negative_weight_rejected(tiny_student, tmp_path):
+    with pytest.raises(TrainingError, match="-1"):
+        train_lora(tiny_student, ROWS, tmp_path / "job", view_weights={"cot": -1.0})
