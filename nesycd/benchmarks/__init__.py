@@ -31,3 +31,17 @@ __all__ = [
     "normalize_choice",
     "split_task",
 ]
+
+from nesycd.benchmarks.agieval import SUBSETS as AGIEVAL_SUBSETS
+from nesycd.benchmarks.agieval import load_agieval
+from nesycd.benchmarks.arc import SUBSETS as ARC_SUBSETS
+from nesycd.benchmarks.arc import load_arc
+from nesycd.benchmarks.gsm8k import load_gsm8k
+
+__all__ += [
+    "AGIEVAL_SUBSETS",
+    "ARC_SUBSETS",
+    "load_agieval",
+    "load_arc",
+    "load_gsm8k",
+]
