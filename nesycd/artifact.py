@@ -190,7 +190,7 @@ def load(
     Raises:
         ArtifactError: no manifest, a newer format, or a file whose sha256 differs from the manifest.
     """
-    from nesycd.knowledge import make_retriever
+    from nesycd.knowledge import attach_lm, make_retriever
     from nesycd.lm import make_lm
     from nesycd.program import load_program
 
@@ -220,6 +220,7 @@ def load(
         store = open_knowledge(path, manifest)
         retriever.bind(store)
     program.retriever = retriever
+    attach_lm(program, lm)  # an adaptive retriever probes the student's confidence with this LM
     return CompiledProgram(path=path, manifest=manifest, program=program, store=store, lm=lm)
 
 

@@ -358,7 +358,9 @@ class NesyCD(Teleprompter):
     # Stage 5 ---------------------------------------------------------------------------------
 
     def _sft_kb(self, student, trainset, rationales, kb) -> Path:
+        # Training rows always carry knowledge; an adaptive retriever's confidence gate applies at inference only.
         retriever = _copy_retriever(student)
+        retriever = getattr(retriever, "inner", retriever)
         retriever.bind(kb)
         entry_ids = sorted(entry.id for entry in kb.entries())
         fingerprint = self.config.fingerprint("sft_kb", sorted(rationales), entry_ids, [ex.id for ex in trainset])
@@ -533,6 +535,8 @@ def _reason_steps(program) -> list[ReasonStep]:
 
 def _copy_with(program, *, lm, retriever):
     """Deep-copy `program` without its LMs and retriever (which hold models and clients), then set both."""
+    from nesycd.knowledge import attach_lm
+
     saved_retriever = program.retriever
     program.retriever = None
     try:
@@ -542,6 +546,7 @@ def _copy_with(program, *, lm, retriever):
         program.retriever = saved_retriever
     copy.set_lm(lm)
     copy.retriever = retriever
+    attach_lm(copy, lm)  # an adaptive retriever probes the student's confidence with this LM
     return copy
 
 

@@ -296,7 +296,7 @@ def test_make_retriever_round_trip():
     assert make_retriever(dense.config()).config() == dense.config()
     assert isinstance(make_retriever(NoRetriever().config()), NoRetriever)
     with pytest.raises(KnowledgeBaseError, match="dense"):
-        make_retriever({"kind": "bm25"})
+        make_retriever({"kind": "bm26"})
 
 
 def test_retriever_rejects_bad_insert():

@@ -63,7 +63,7 @@ def compile(
     weight_kb_cot: float = typer.Option(1.0, help="Loss weight of the knowledge + question -> rationale view."),
     weight_cot: float = typer.Option(1.0, help="Loss weight of the question -> rationale view."),
     weight_answer: float = typer.Option(1.0, help="Loss weight of the question -> answer view."),
-    retriever: Optional[str] = typer.Option(None, help="Retriever kind: dense or none (default: the program's)."),
+    retriever: Optional[str] = typer.Option(None, help="Retriever kind: dense, bm25, hybrid, adaptive or none (default: the program's)."),
     k: Optional[int] = typer.Option(None, help="Entries retrieved per question (default: the program's)."),
     insert: Optional[int] = typer.Option(None, help="Retrieved entries inserted into the prompt (default: the program's)."),
     teacher_sees_gold: bool = typer.Option(False, help="Show the gold answer to the teacher when it writes knowledge."),

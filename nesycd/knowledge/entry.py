@@ -16,6 +16,12 @@ logger = logging.getLogger(__name__)
 
 _REQUIRED_FIELDS = ("task", "learning_summary", "supplementary_knowledge", "key")
 _OPTIONAL_TEXT_FIELDS = ("source_example_id", "source_run", "teacher_model", "failure_id")
+# Provenance lists: every error case and failure whose entry was merged into this one,
+# and the ids of the merged entries. The single-value fields keep the first provenance.
+_LIST_FIELDS = ("source_example_ids", "failure_ids", "merged_ids")
+
+# Statuses that the import and edit commands accept. Search returns "active" entries by default.
+ENTRY_STATUSES = ("active", "retired")
 
 
 def _new_entry_id() -> str:
@@ -31,7 +37,10 @@ class KnowledgeEntry:
     """One knowledge-base entry that the teacher wrote from a student's error case.
 
     `key` is the text that is embedded and matched against queries: the task
-    description followed by the question of the error case.
+    description followed by the question of the error case. When near-duplicate
+    entries are merged, `source_example_ids`, `failure_ids` and `merged_ids` collect
+    the provenance of every merged entry; `source_example_id` and `failure_id` keep
+    the first one.
     """
 
     id: str = field(default_factory=_new_entry_id)
@@ -45,6 +54,9 @@ class KnowledgeEntry:
     failure_id: str | None = None
     created_at: str = field(default_factory=_utc_now_iso)
     status: str = "active"
+    source_example_ids: list[str] = field(default_factory=list)
+    failure_ids: list[str] = field(default_factory=list)
+    merged_ids: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("id", *_REQUIRED_FIELDS, "created_at", "status"):
@@ -63,6 +75,20 @@ class KnowledgeEntry:
                     f"Knowledge entry field {name!r} must be a string or None, got {type(value).__name__} "
                     f"({value!r:.80}). Convert it with str() or pass None."
                 )
+        for name in _LIST_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                value = list(value)
+                setattr(self, name, value)
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise KnowledgeBaseError(
+                    f"Knowledge entry field {name!r} must be a list of strings, got {value!r:.80}. "
+                    "Pass a list of ids, or omit it."
+                )
+        if self.source_example_id is not None and not self.source_example_ids:
+            self.source_example_ids = [self.source_example_id]
+        if self.failure_id is not None and not self.failure_ids:
+            self.failure_ids = [self.failure_id]
 
     @property
     def text(self) -> str:
@@ -70,7 +96,7 @@ class KnowledgeEntry:
         return f"Learning summary: {self.learning_summary}\nSupplementary knowledge:\n{self.supplementary_knowledge}"
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the entry as a JSON-safe dict (strings and None only)."""
+        """Return the entry as a JSON-safe dict of strings, None and lists of strings."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -91,6 +117,29 @@ class KnowledgeEntry:
         if unknown:
             logger.debug("Ignoring unknown knowledge entry fields %s of entry %s", unknown, data.get("id"))
         return cls(**{name: value for name, value in data.items() if name in known})
+
+
+def _extend_unique(values: list[str], more: list[str]) -> list[str]:
+    result = list(values)
+    for value in more:
+        if value not in result:
+            result.append(value)
+    return result
+
+
+def merge_provenance(target: KnowledgeEntry, duplicate: KnowledgeEntry) -> KnowledgeEntry:
+    """Return a copy of `target` that also records the provenance of its near-duplicate `duplicate`.
+
+    The text, key and single-value fields of `target` stay as they are. The lists gain the
+    example ids and failure ids of `duplicate`, and `merged_ids` gains its id and the ids
+    that it had itself absorbed.
+    """
+    return dataclasses.replace(
+        target,
+        source_example_ids=_extend_unique(target.source_example_ids, duplicate.source_example_ids),
+        failure_ids=_extend_unique(target.failure_ids, duplicate.failure_ids),
+        merged_ids=_extend_unique(target.merged_ids, [duplicate.id, *duplicate.merged_ids]),
+    )
 
 
 # A heading sits at the start of a line and may carry markdown decoration:

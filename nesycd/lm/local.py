@@ -142,6 +142,40 @@ class LocalModel:
         self._queue.put(pending)
         return pending.future.result()
 
+    def probe_confidence(self, prompt: str, max_new_tokens: int = 16, adapter: str | None = None) -> float:
+        """Return the model's confidence on `prompt`, from 0 to 100.
+
+        The model generates up to `max_new_tokens` tokens greedily (fewer when it ends the
+        text), and the result is the mean over those steps of 100 * (p_top1 - p_top2), where
+        p are the softmax probabilities of the raw next-token logits. Runs outside the
+        request batcher, holding the model lock.
+        """
+        import torch
+
+        if adapter is not None and adapter not in self.adapters:
+            raise ModelError(f"Adapter {adapter!r} is not attached to {self.name}; attached: {sorted(self.adapters)}.")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ModelError(f"probe_confidence max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"][-self.config.max_prompt_tokens :]
+        if not ids:
+            raise ModelError(f"probe_confidence got a prompt with no tokens ({prompt!r:.80}). Pass the question's prompt.")
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        with self._lock, torch.inference_mode(), self._adapter_context(adapter):
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        margins = []
+        for step_logits in output.logits:
+            top = torch.topk(torch.softmax(step_logits[0].float(), dim=-1), 2).values
+            margins.append(100.0 * float(top[0] - top[1]))
+        return sum(margins) / len(margins)
+
     def close(self) -> None:
         """Stop the worker thread; queued requests are still served first."""
         if self._worker is not None and self._worker.is_alive():

@@ -118,6 +118,9 @@ class TraceCallback(BaseCallback):
             row["hits"] = _hits(outputs)
             inserted = _output_field(outputs, "inserted_ids")
             row["inserted"] = list(inserted) if inserted is not None else []
+            # Set by an adaptive retriever: whether it retrieved, and the student's confidence (0-100).
+            row["retrieved"] = _output_field(outputs, "retrieved")
+            row["confidence"] = _output_field(outputs, "confidence")
         self.store.record("retrievals", row)
 
 

@@ -62,6 +62,8 @@ CREATE TABLE IF NOT EXISTS retrievals (
     k BIGINT,
     hits JSON,               -- list of {entry_id, score, rank}, rank 1 is the best hit
     inserted JSON,           -- ids of the entries inserted into the knowledge base by this call
+    retrieved BOOLEAN,       -- adaptive retrieval only: whether the confidence gate let it retrieve
+    confidence DOUBLE,       -- adaptive retrieval only: the student's confidence, 0 to 100
     latency_s DOUBLE,
     error VARCHAR,
     created_at TIMESTAMP
@@ -80,6 +82,7 @@ CREATE TABLE IF NOT EXISTS predictions (
     gold VARCHAR,
     correct BOOLEAN,
     knowledge JSON,
+    knowledge_ids JSON,
     created_at TIMESTAMP
 );
 
@@ -142,3 +145,65 @@ CREATE TABLE IF NOT EXISTS evaluations (
     accuracy DOUBLE,
     created_at TIMESTAMP
 );
+
+-- Views. They are replaced on every open, so a change here needs no SCHEMA_VERSION bump.
+
+-- Per knowledge entry and model_label: how often the entry was retrieved and inserted, and the
+-- accuracy of that label's predictions that used it next to the label's accuracy on the entry's task.
+-- The same query is ENTRY_USAGE_SQL in nesycd/knowledge/usage.py; a test checks that both agree.
+CREATE OR REPLACE VIEW kb_entry_usage AS
+WITH entries AS (
+    SELECT entry_id, arg_min(task, created_at) AS task, arg_max(status, created_at) AS status
+    FROM kb_entries
+    GROUP BY entry_id
+),
+retrieved AS (
+    SELECT entry_id, count(*) AS times_retrieved
+    FROM (SELECT unnest(json_extract_string(hits, '$[*].entry_id')) AS entry_id FROM retrievals WHERE hits IS NOT NULL)
+    GROUP BY entry_id
+),
+inserted AS (
+    SELECT entry_id, count(*) AS times_inserted
+    FROM (SELECT unnest(json_extract_string(inserted, '$[*]')) AS entry_id FROM retrievals WHERE inserted IS NOT NULL)
+    GROUP BY entry_id
+),
+used AS (
+    SELECT model_label, entry_id, count(*) AS predictions_using,
+           count(*) FILTER (WHERE correct) AS correct_using
+    FROM (
+        SELECT model_label, correct, unnest(json_extract_string(knowledge_ids, '$[*]')) AS entry_id
+        FROM predictions WHERE knowledge_ids IS NOT NULL
+    )
+    GROUP BY model_label, entry_id
+),
+task_accuracy AS (
+    SELECT model_label, task, count(*) AS task_predictions,
+           avg(CASE WHEN correct THEN 1.0 ELSE 0.0 END) AS task_accuracy
+    FROM predictions
+    GROUP BY model_label, task
+),
+labels AS (
+    SELECT DISTINCT model_label FROM predictions
+    UNION ALL
+    SELECT NULL WHERE NOT EXISTS (SELECT 1 FROM predictions)
+)
+SELECT
+    e.entry_id,
+    e.task,
+    e.status,
+    l.model_label,
+    coalesce(r.times_retrieved, 0) AS times_retrieved,
+    coalesce(i.times_inserted, 0) AS times_inserted,
+    coalesce(u.predictions_using, 0) AS predictions_using,
+    coalesce(u.correct_using, 0) AS correct_using,
+    u.correct_using / u.predictions_using AS accuracy_using,
+    t.task_predictions,
+    t.task_accuracy,
+    u.correct_using / u.predictions_using - t.task_accuracy AS accuracy_difference
+FROM entries e
+CROSS JOIN labels l
+LEFT JOIN retrieved r ON r.entry_id = e.entry_id
+LEFT JOIN inserted i ON i.entry_id = e.entry_id
+LEFT JOIN used u ON u.entry_id = e.entry_id AND u.model_label IS NOT DISTINCT FROM l.model_label
+LEFT JOIN task_accuracy t ON t.task = e.task AND t.model_label IS NOT DISTINCT FROM l.model_label
+ORDER BY e.task, e.entry_id, l.model_label;
