@@ -85,7 +85,7 @@ def run_compile(options: CompileOptions) -> CompileSummary:
     run_id = options.run_id or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     run_dir = options.runs_dir / spec.name / run_id
     if (run_dir / "compiled").exists():
-        raise ConfigError(f"Run folder {run_dir} already holds a compiled program. Pass a new --run-id.")
+        raise ConfigError(f"Run folder {run_dir} already contains a compiled program. Pass a new --run-id.")
     run_dir.mkdir(parents=True, exist_ok=True)
 
     config = NesyCDConfig(

@@ -44,7 +44,7 @@ def load_data(data_dir, *, tasks=None, train_per_task=None, test_per_task=None):
 
 
 def load_demos(data_dir, tasks):
-    """Return the few-shot chain-of-thought demonstrations the teacher sees, three per task."""
+    """Return the few-shot chain-of-thought demonstrations shown to the teacher, three per task."""
     return [demo for task in tasks for demo in bbh.load_cot_demos(data_dir, task)]
 
 

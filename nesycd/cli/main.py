@@ -111,7 +111,7 @@ def compile(
 
 @app.command()
 def run(
-    path: Path = typer.Argument(..., help="A compiled/ folder (or the run folder that holds it)."),
+    path: Path = typer.Argument(..., help="A compiled/ folder, or the run folder that contains it."),
     question: str = typer.Argument(..., help="The question, with its options."),
     task: Optional[str] = typer.Option(None, help="Task name; needed when the program was compiled on several tasks."),
     as_json: bool = typer.Option(False, "--json", help="Print the answer, rationale and knowledge as JSON."),

@@ -36,7 +36,7 @@ def make_lm(
     import dspy
 
     if is_remote(name) or api_base:
-        # litellm retries timeouts, rate limits and 5xx answers with exponential backoff.
+        # litellm retries timeouts, rate limits and 5xx responses with exponential backoff.
         lm = dspy.LM(name, api_base=api_base, temperature=0.0, max_tokens=max_tokens, cache=True, num_retries=3)
     else:
         from nesycd.lm.local import LocalEngine, LocalModel

@@ -17,10 +17,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LocalModelConfig:
-    """How the in-process LM batches requests.
+    """Batching settings of the in-process LM.
 
     Args:
-        max_batch_size: most requests generated together in one `generate` call.
+        max_batch_size: maximum number of requests generated together in one `generate` call.
         batch_wait_s: seconds the worker waits for more requests after the first one arrives.
         max_prompt_tokens: longer prompts are cut from the left, keeping the question and the
             end of the prompt.

@@ -149,8 +149,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     folder, file_name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
-    # transformers refuses to save a model loaded from GGUF while its quantizer marker is set; the
-    # weights are already dequantised to fp32, so clearing the marker saves a plain fp32 model.
+    # transformers raises on saving a model loaded from GGUF while its quantizer marker is set.
+    # The weights are already dequantised to fp32, so clearing the marker saves a plain fp32 model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
