@@ -21,12 +21,20 @@ class Outcome:
 
 
 def run_parallel(
-    function: Callable[[Any], Any], items: list, *, threads: int = 8, desc: str = "", show_progress: bool = True
+    function: Callable[[Any], Any],
+    items: list,
+    *,
+    threads: int = 8,
+    desc: str = "",
+    show_progress: bool = True,
+    on_result: Callable[[Outcome], None] | None = None,
 ) -> list[Outcome]:
     """Call `function(item)` for every item in `threads` threads; results keep the input order.
 
     Each call runs in a copy of the caller's context, so DSPy settings and tracing context reach the
     worker threads. An exception is logged and kept as the outcome's `error`; it never stops the run.
+    `on_result(outcome)` runs in the calling thread as soon as each item finishes, so a caller can
+    save finished items before the rest are done. An exception from `on_result` stops the run.
     """
     from tqdm.auto import tqdm
 
@@ -42,7 +50,16 @@ def run_parallel(
         futures = {pool.submit(contextvars.copy_context().run, call, item): index for index, item in enumerate(items)}
         with tqdm(total=len(items), desc=desc, disable=not show_progress, unit="ex") as bar:
             for future in _as_completed(futures):
-                outcomes[futures[future]] = future.result()
+                outcome = future.result()
+                outcomes[futures[future]] = outcome
+                if on_result is not None:
+                    try:
+                        on_result(outcome)
+                    except BaseException:
+                        # Items not started yet are dropped; the ones running finish before the raise.
+                        for pending in futures:
+                            pending.cancel()
+                        raise
                 bar.update(1)
     return outcomes  # type: ignore[return-value]
 

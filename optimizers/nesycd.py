@@ -16,6 +16,7 @@ from dspy.teleprompt import Teleprompter
 
 from nesycd.adapter import KnowledgeWriter, ReasonStep, strip_answer_sentence, training_row
 from nesycd.errors import ConfigError, KnowledgeBaseError, TeacherError
+from nesycd.journal import ItemJournal
 from nesycd.parallel import run_parallel
 from nesycd.program import lms_detached
 from nesycd.training.sft import LoraTrainingConfig
@@ -30,6 +31,19 @@ STAGES = (  # in the order they run
     "sft_kb",
     "evaluate",
 )
+
+# The config fields each stage's fingerprint covers; its other inputs are hashed by the stage itself.
+# `threads` is in none of them, because it changes speed, not results.
+STAGE_CONFIG_FIELDS = {
+    "teacher_rationales": ("teacher", "teacher_api_base", "teacher_max_tokens"),
+    "sft_general": ("student", "lora"),
+    "collect_demonstrations": ("student", "student_max_tokens"),
+    "write_knowledge": ("teacher", "teacher_api_base", "teacher_max_tokens", "teacher_sees_gold", "embedder"),
+    "sft_kb": ("student", "lora", "kb_lora_epochs", "view_weights", "embedder"),
+    "evaluate": ("student", "student_max_tokens", "evaluate_baselines", "embedder"),
+}
+
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,9 @@ class NesyCDConfig:
         threads: concurrent requests; the in-process LM batches them into one `generate` call.
         student_max_tokens: generation limit of the student, in tokens.
         teacher_max_tokens: generation limit of the teacher, in tokens.
+        teacher_timeout_s: seconds before a request to a server teacher times out. Timeouts, rate
+            limits (429) and 5xx responses are retried 3 times with exponential backoff. A call that
+            still fails is recorded as a `teacher_error` failure and the compile goes on.
         embedder: sentence-transformers model for the knowledge base (None: packaged all-MiniLM-L6-v2).
         evaluate_baselines: also evaluate the base student and the Std-CoT student on the test set.
     """
@@ -62,12 +79,16 @@ class NesyCDConfig:
     threads: int = 8
     student_max_tokens: int = 160
     teacher_max_tokens: int = 192
+    teacher_timeout_s: float = 120.0
     embedder: str | None = None
     evaluate_baselines: bool = True
 
-    def fingerprint(self, *parts: Any) -> str:
-        """Return a short hash of this config and `parts` (the inputs of a stage)."""
-        payload = json.dumps([asdict(self), *parts], sort_keys=True, default=str)
+    def fingerprint(self, *parts: Any, fields: tuple[str, ...] | None = None) -> str:
+        """Return a short hash of this config's `fields` (default: all) and `parts` (the inputs of a stage)."""
+        settings = asdict(self)
+        if fields is not None:
+            settings = {name: settings[name] for name in fields}
+        payload = json.dumps([settings, *parts], sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -129,10 +150,17 @@ class NesyCD(Teleprompter):
         self.demos = list(demos or [])
         self.show_progress = show_progress
         self.result: CompileResult | None = None
+        self.kb = None
+        self._teacher_lm = None
         self._check_config()
 
     def compile(self, student, *, trainset, teacher=None, valset=None, testset=None, **kwargs):
         """Run all stages and return the compiled student program (NesyCD adapter + bound knowledge base).
+
+        A stage that already succeeded in this run folder with the same fingerprint (the same inputs
+        and settings) is reused from its files instead of run again. Teacher rationales and knowledge
+        entries of an interrupted stage are reused item by item, and an interrupted fine-tuning
+        restarts from its last checkpoint.
 
         Args:
             student: the program (a dspy.Module with a `retriever` and a `ReasonStep`).
@@ -141,22 +169,15 @@ class NesyCD(Teleprompter):
             valset: unused; accepted for the DSPy optimizer contract.
             testset: examples for the final evaluation (skipped when empty).
         """
-        from nesycd.lm import make_lm
-
         if not trainset:
             raise ConfigError("The training set is empty. Load more data or raise --train-per-task.")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        teacher_lm = teacher or make_lm(
-            self.config.teacher,
-            role="teacher",
-            api_base=self.config.teacher_api_base,
-            max_tokens=self.config.teacher_max_tokens,
-        )
+        self._teacher_lm = teacher
         seconds: dict[str, float] = {}
         adapters: dict[str, Path] = {}
 
         started = time.perf_counter()
-        rationales = self._teacher_rationales(student, trainset, teacher_lm)
+        rationales = self._teacher_rationales(student, trainset, None)
         seconds["teacher_rationales"] = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -168,7 +189,7 @@ class NesyCD(Teleprompter):
         seconds["collect_demonstrations"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        kb = self._write_knowledge(errors, teacher_lm)
+        kb = self._write_knowledge(errors, None)
         seconds["write_knowledge"] = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -189,35 +210,66 @@ class NesyCD(Teleprompter):
     # Stage 1 ---------------------------------------------------------------------------------
 
     def _teacher_rationales(self, student, trainset, teacher_lm) -> dict[str, dict[str, str]]:
-        fingerprint = self.config.fingerprint("teacher_rationales", [ex.id for ex in trainset], len(self.demos))
-        with self.store.stage("teacher_rationales", fingerprint) as stage:
-            teacher_program = self._copy_program(student, lm=teacher_lm)
-            for predictor in _reason_steps(teacher_program):
-                predictor.demos = [_demo_dict(demo) for demo in self.demos]
+        """Return {example id: {reasoning, answer}} for the training questions the teacher answered correctly.
 
-            outcomes = run_parallel(
-                lambda ex: teacher_program(**ex.inputs()), trainset, threads=self.config.threads,
-                desc="teacher rationales", show_progress=self.show_progress,
-            )
+        `teacher_lm` None means the configured teacher, loaded only when a question is left to answer.
+        """
+        name = "teacher_rationales"
+        fingerprint = self._fingerprint(
+            name, [ex.id for ex in trainset], [_demo_dict(demo) for demo in self.demos], _program_signature(student)
+        )
+        path = self.run_dir / "teacher_rationales.jsonl"
+        reused = self._reuse(name, fingerprint, lambda: {row.pop("id"): row for row in _read_jsonl(path)})
+        if reused is not _MISSING:
+            return reused
+
+        with self.store.stage(name, fingerprint) as stage:
+            journal = ItemJournal(self.run_dir / "journal" / f"{name}.jsonl", fingerprint)
+            finished = journal.finished()
+            todo = [ex for ex in trainset if ex.id not in finished]
+            if finished:
+                logger.info("Reusing %d of %d teacher answers from an earlier attempt", len(finished), len(trainset))
+            outcomes = {}
+            if todo:
+                teacher_program = self._copy_program(student, lm=teacher_lm or self._teacher())
+                for predictor in _reason_steps(teacher_program):
+                    predictor.demos = [_demo_dict(demo) for demo in self.demos]
+
+                def save(outcome):
+                    if outcome.error is None:
+                        journal.append(outcome.example.id, _prediction_record(outcome.prediction))
+
+                for outcome in run_parallel(
+                    lambda ex: teacher_program(**ex.inputs()), todo, threads=self.config.threads,
+                    desc="teacher rationales", show_progress=self.show_progress, on_result=save,
+                ):
+                    outcomes[outcome.example.id] = outcome
+
+            recorded = self._recorded_examples("teacher", name) if finished else set()
             rationales: dict[str, dict[str, str]] = {}
-            for outcome in outcomes:
-                example, prediction = outcome.example, outcome.prediction
+            errors = []
+            for example in trainset:
+                if example.id in finished:
+                    prediction, error = dspy.Prediction(**finished[example.id]), None
+                else:
+                    prediction, error = outcomes[example.id].prediction, outcomes[example.id].error
                 correct = prediction is not None and bool(self.metric(example, prediction))
-                self._record_prediction("teacher", example, prediction, correct, outcome.error)
-                if outcome.error:
-                    self._record_failure("teacher_error", example, None, outcome.error)
+                if example.id not in recorded:
+                    self._record_prediction("teacher", example, prediction, correct, error)
+                if error:
+                    errors.append(error)
+                    self._record_failure("teacher_error", example, None, error)
                 if correct:
                     rationales[example.id] = {
                         "reasoning": strip_answer_sentence(prediction.reasoning),
                         "answer": example.answer,
                     }
-            _write_jsonl(self.run_dir / "teacher_rationales.jsonl", [{"id": k, **v} for k, v in rationales.items()])
-            stage.counts.update(questions=len(trainset), correct=len(rationales))
+            _write_jsonl(path, [{"id": k, **v} for k, v in rationales.items()])
+            stage.counts.update(questions=len(trainset), correct=len(rationales), reused_items=len(finished))
             logger.info("Teacher answered %d of %d training questions correctly", len(rationales), len(trainset))
-            failed = [outcome.error for outcome in outcomes if outcome.error]
-            if failed and len(failed) == len(outcomes):
+            if errors and len(errors) == len(todo) and not finished:
                 raise TeacherError(
-                    f"All {len(outcomes)} teacher calls to {self.config.teacher} failed. First error: {failed[0]}. "
+                    f"All {len(todo)} teacher calls to {self.config.teacher} failed. First error: {errors[0]}. "
                     "Check --teacher, --teacher-api-base and the provider's API key variable."
                 )
             if not rationales:
@@ -236,7 +288,10 @@ class NesyCD(Teleprompter):
             for ex in trainset
             if ex.id in rationales
         ]
-        fingerprint = self.config.fingerprint("sft_general", _rows_hash(rows))
+        fingerprint = self._fingerprint("sft_general", _rows_hash(rows))
+        reused = self._reuse("sft_general", fingerprint, lambda: self._trained_adapter("std_cot"))
+        if reused is not _MISSING:
+            return reused
         with self.store.stage("sft_general", fingerprint) as stage:
             adapter_dir = self._train("sft_general", "std_cot", rows, epochs=None)
             stage.counts.update(rows=len(rows))
@@ -246,9 +301,18 @@ class NesyCD(Teleprompter):
 
     def _collect_demonstrations(self, student, trainset, std_cot_adapter: Path) -> list[dict]:
         from nesycd.lm import make_lm
+        from nesycd.training.sft import adapter_sha256
 
-        fingerprint = self.config.fingerprint("collect_demonstrations", [ex.id for ex in trainset], str(std_cot_adapter))
-        with self.store.stage("collect_demonstrations", fingerprint) as stage:
+        name = "collect_demonstrations"
+        fingerprint = self._fingerprint(
+            name, [ex.id for ex in trainset], adapter_sha256(std_cot_adapter), _program_signature(student)
+        )
+        path = self.run_dir / "error_cases.jsonl"
+        reused = self._reuse(name, fingerprint, lambda: _read_error_cases(path, trainset))
+        if reused is not _MISSING:
+            return reused
+
+        with self.store.stage(name, fingerprint) as stage:
             lm = make_lm(
                 self.config.student, role="student", adapter=("std_cot", str(std_cot_adapter)),
                 max_tokens=self.config.student_max_tokens,
@@ -274,7 +338,7 @@ class NesyCD(Teleprompter):
                 failure_id = self._record_failure(kind, example, response, outcome.error)
                 errors.append({"failure_id": failure_id, "kind": kind, "example": example, "response": response})
             _write_jsonl(
-                self.run_dir / "error_cases.jsonl",
+                path,
                 [{"failure_id": e["failure_id"], "id": e["example"].id, "kind": e["kind"], "response": e["response"]} for e in errors],
             )
             stage.counts.update(questions=len(trainset), correct=len(trainset) - len(errors), errors=len(errors))
@@ -284,38 +348,63 @@ class NesyCD(Teleprompter):
     # Stage 4 ---------------------------------------------------------------------------------
 
     def _write_knowledge(self, errors: list[dict], teacher_lm):
+        """Write one knowledge entry per error case into the run's Qdrant folder and return the open store.
+
+        `teacher_lm` None means the configured teacher, loaded only when an error case is left to write.
+        """
         from nesycd.knowledge import Embedder, KnowledgeEntry, KnowledgeStore, parse_teacher_entry
 
-        fingerprint = self.config.fingerprint("write_knowledge", [e["failure_id"] for e in errors])
-        with self.store.stage("write_knowledge", fingerprint) as stage:
-            writer = KnowledgeWriter()
-            writer.lm = teacher_lm
-            show_gold = self.config.teacher_sees_gold
+        name = "write_knowledge"
+        fingerprint = self._fingerprint(name, [e["failure_id"] for e in errors])
+        reused = self._reuse(name, fingerprint, self._open_kb)
+        if reused is not _MISSING:
+            return reused
 
-            def write(error):
-                example = error["example"]
-                return writer(
-                    task_description=example.task_description,
-                    question=example.question,
-                    student_response=error["response"],
-                    gold_answer=example.answer if show_gold else None,
-                )
+        with self.store.stage(name, fingerprint) as stage:
+            journal = ItemJournal(self.run_dir / "journal" / f"{name}.jsonl", fingerprint)
+            finished = journal.finished()
+            todo = [error for error in errors if error["failure_id"] not in finished]
+            if finished:
+                logger.info("Reusing %d of %d teacher replies from an earlier attempt", len(finished), len(errors))
+            replies: dict[str, dict] = dict(finished)
+            if todo:
+                writer = KnowledgeWriter()
+                writer.lm = teacher_lm or self._teacher()
+                show_gold = self.config.teacher_sees_gold
 
-            outcomes = run_parallel(
-                write, errors, threads=self.config.threads, desc="write knowledge", show_progress=self.show_progress
-            )
+                def write(error):
+                    example = error["example"]
+                    return writer(
+                        task_description=example.task_description,
+                        question=example.question,
+                        student_response=error["response"],
+                        gold_answer=example.answer if show_gold else None,
+                    )
+
+                def save(outcome):
+                    if outcome.error is None:
+                        journal.append(outcome.example["failure_id"], {"reply": outcome.prediction.reply})
+
+                for outcome in run_parallel(
+                    write, todo, threads=self.config.threads, desc="write knowledge",
+                    show_progress=self.show_progress, on_result=save,
+                ):
+                    failure_id = outcome.example["failure_id"]
+                    replies[failure_id] = {"reply": None if outcome.error else outcome.prediction.reply,
+                                           "error": outcome.error}
+
             entries = []
             rejected = 0
-            for outcome in outcomes:
-                error, example = outcome.example, outcome.example["example"]
-                if outcome.error:
-                    self._record_failure("teacher_error", example, None, outcome.error, stage_detail=error["failure_id"])
+            for error in errors:
+                example, reply = error["example"], replies[error["failure_id"]]
+                if reply.get("error"):
+                    self._record_failure("teacher_error", example, None, reply["error"], stage_detail=error["failure_id"])
                     rejected += 1
                     continue
                 try:
-                    summary, knowledge = parse_teacher_entry(outcome.prediction.reply)
+                    summary, knowledge = parse_teacher_entry(reply["reply"])
                 except KnowledgeBaseError as parse_error:
-                    self._record_failure("kb_parse", example, outcome.prediction.reply, str(parse_error))
+                    self._record_failure("kb_parse", example, reply["reply"], str(parse_error))
                     rejected += 1
                     continue
                 entries.append(
@@ -331,7 +420,10 @@ class NesyCD(Teleprompter):
                     )
                 )
 
-            kb = KnowledgeStore(self.run_dir / "kb", collection="nesycd_kb", embedder=Embedder(self.config.embedder))
+            # A fresh collection, so that entries an interrupted attempt added are not stored twice.
+            kb = KnowledgeStore(
+                self.run_dir / "kb", collection="nesycd_kb", embedder=Embedder(self.config.embedder), recreate=True
+            )
             if entries:
                 kb.add(entries)
             for entry in entries:
@@ -351,19 +443,25 @@ class NesyCD(Teleprompter):
                         "status": entry.status,
                     },
                 )
-            stage.counts.update(error_cases=len(errors), entries=len(entries), rejected=rejected)
+            stage.counts.update(error_cases=len(errors), entries=len(entries), rejected=rejected,
+                                stored=kb.count(), reused_items=len(finished))
             logger.info("Teacher wrote %d knowledge entries (%d replies rejected)", len(entries), rejected)
         return kb
 
     # Stage 5 ---------------------------------------------------------------------------------
 
     def _sft_kb(self, student, trainset, rationales, kb) -> Path:
+        entry_ids = sorted(entry.id for entry in kb.entries())
+        fingerprint = self._fingerprint(
+            "sft_kb", _rows_hash(rationales), entry_ids, [ex.id for ex in trainset], _program_signature(student)
+        )
+        reused = self._reuse("sft_kb", fingerprint, lambda: self._trained_adapter("nesycd"))
+        if reused is not _MISSING:
+            return reused
         # Training rows always carry knowledge; an adaptive retriever's confidence gate applies at inference only.
         retriever = _copy_retriever(student)
         retriever = getattr(retriever, "inner", retriever)
         retriever.bind(kb)
-        entry_ids = sorted(entry.id for entry in kb.entries())
-        fingerprint = self.config.fingerprint("sft_kb", sorted(rationales), entry_ids, [ex.id for ex in trainset])
         with self.store.stage("sft_kb", fingerprint) as stage:
             rows = []
             for example in trainset:
@@ -384,8 +482,17 @@ class NesyCD(Teleprompter):
 
     def _evaluate(self, student, testset, adapters: dict[str, Path], kb) -> dict[str, dict[str, float]]:
         from nesycd.lm import make_lm
+        from nesycd.training.sft import adapter_sha256
 
-        fingerprint = self.config.fingerprint("evaluate", [ex.id for ex in testset], {k: str(v) for k, v in adapters.items()})
+        fingerprint = self._fingerprint(
+            "evaluate", [ex.id for ex in testset], {k: adapter_sha256(v) for k, v in adapters.items()},
+            sorted(entry.id for entry in kb.entries()) if kb is not None else None,
+            _program_signature(student),
+        )
+        results_path = self.run_dir / "results.json"
+        reused = self._reuse("evaluate", fingerprint, lambda: json.loads(results_path.read_text()))
+        if reused is not _MISSING:
+            return reused
         results: dict[str, dict[str, float]] = {}
         with self.store.stage("evaluate", fingerprint) as stage:
             configurations = [("nesycd", ("nesycd", adapters["nesycd"]), kb)]
@@ -421,8 +528,66 @@ class NesyCD(Teleprompter):
                      "accuracy": sum(all_values) / max(1, len(all_values))},
                 )
             stage.counts.update(questions=len(testset), students=len(configurations))
-        (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+            results_path.write_text(json.dumps(results, indent=1))
         return results
+
+    # Resume ----------------------------------------------------------------------------------
+
+    def _fingerprint(self, stage_name: str, *parts: Any) -> str:
+        return self.config.fingerprint(stage_name, *parts, fields=STAGE_CONFIG_FIELDS.get(stage_name))
+
+    def _reuse(self, stage_name: str, fingerprint: str, load: Callable[[], Any]) -> Any:
+        """Return the outputs of an earlier succeeded attempt of this stage, or _MISSING to run it.
+
+        The stage is reused when the traces hold a succeeded attempt with the same fingerprint and
+        `load()` can read its files; the reuse is recorded as a stage row with status 'reused'.
+        """
+        found = self.store.find_stage(stage_name, fingerprint)
+        if found is None:
+            return _MISSING
+        try:
+            outputs = load()
+        except (OSError, ValueError, KeyError, KnowledgeBaseError) as error:
+            logger.warning("Stage %s succeeded before, but its outputs cannot be read (%s), so it runs again",
+                           stage_name, error)
+            return _MISSING
+        self.store.record_reused_stage(stage_name, fingerprint, found.get("counts"))
+        return outputs
+
+    def _recorded_examples(self, model_label: str, stage_name: str) -> set[str]:
+        """Return the ids of examples with a prediction row of `model_label` in `stage_name`."""
+        _, rows = self.store.query(
+            "SELECT DISTINCT example_id FROM predictions WHERE model_label = ? AND stage = ?", [model_label, stage_name]
+        )
+        return {row[0] for row in rows}
+
+    def _trained_adapter(self, adapter_name: str) -> Path:
+        adapter_dir = self.run_dir / "adapters" / adapter_name / "adapter"
+        if not (adapter_dir / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(f"{adapter_dir / 'adapter_model.safetensors'} is missing")
+        return adapter_dir
+
+    def _open_kb(self):
+        from nesycd.knowledge import Embedder, KnowledgeStore
+
+        if not (self.run_dir / "kb").is_dir():
+            raise FileNotFoundError(f"{self.run_dir / 'kb'} is missing")
+        return KnowledgeStore(self.run_dir / "kb", collection="nesycd_kb", embedder=Embedder(self.config.embedder),
+                              create=False)
+
+    def _teacher(self):
+        """Return the teacher LM, loading it on first use."""
+        from nesycd.lm import make_lm
+
+        if getattr(self, "_teacher_lm", None) is None:
+            self._teacher_lm = make_lm(
+                self.config.teacher,
+                role="teacher",
+                api_base=self.config.teacher_api_base,
+                max_tokens=self.config.teacher_max_tokens,
+                timeout_s=self.config.teacher_timeout_s,
+            )
+        return self._teacher_lm
 
     # Helpers ---------------------------------------------------------------------------------
 
@@ -458,6 +623,7 @@ class NesyCD(Teleprompter):
                 "config": asdict(lora),
                 "loss_curve": result.loss_curve,
                 "train_seconds": result.train_seconds,
+                "resumed_from_step": result.resumed_from_step,
                 "status": "succeeded",
             },
         )
@@ -497,6 +663,7 @@ class NesyCD(Teleprompter):
                 "answer": None if prediction is None else prediction.answer,
                 "gold": example.answer,
                 "correct": bool(correct),
+                "score": float(correct),
                 "knowledge": None if prediction is None else list(getattr(prediction, "knowledge", None) or []),
                 "knowledge_ids": None if prediction is None else list(getattr(prediction, "knowledge_ids", None) or []),
             },
@@ -561,6 +728,29 @@ def _retrieval_query(example) -> str:
     return f"{example.task_description}\n{example.question}"
 
 
+def _program_signature(program) -> list:
+    """Return what identifies a program's prompts and retrieval: its class and retriever config."""
+    return [type(program).__module__, type(program).__qualname__, program.retriever.config()]
+
+
+def _prediction_record(prediction) -> dict:
+    return {"reasoning": prediction.reasoning, "answer": prediction.answer}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _read_error_cases(path: Path, trainset) -> list[dict]:
+    """Return the error cases of error_cases.jsonl with their training examples."""
+    examples = {example.id: example for example in trainset}
+    return [
+        {"failure_id": row["failure_id"], "kind": row["kind"], "example": examples[row["id"]], "response": row["response"]}
+        for row in _read_jsonl(path)
+    ]
+
+
 def _demo_dict(demo) -> dict:
     data = demo.toDict() if hasattr(demo, "toDict") else dict(demo)
     return {key: data[key] for key in ("task", "question", "reasoning", "answer") if key in data}
@@ -574,7 +764,7 @@ def _accuracies(per_task: dict[str, list[bool]]) -> dict[str, float]:
     return scores
 
 
-def _rows_hash(rows: list[dict]) -> str:
+def _rows_hash(rows: list[dict] | dict) -> str:
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +35,9 @@ class LoraTrainingConfig:
         bf16: bf16 autocast. None picks it when the hardware has native bf16 (a CUDA GPU that supports
             it, or a CPU with AVX512-BF16), where it is faster; LoRA master weights stay fp32.
         gradient_checkpointing: trade compute for memory.
+        checkpoint_steps: save a resumable checkpoint (adapter, optimizer, scheduler and RNG state)
+            every this many optimizer steps. None saves about ten per job, and at least one every step
+            for jobs of ten steps or fewer.
     """
 
     rank: int = 8
@@ -47,6 +52,7 @@ class LoraTrainingConfig:
     seed: int = 42
     bf16: bool | None = None
     gradient_checkpointing: bool = False
+    checkpoint_steps: int | None = None
 
 
 @dataclass
@@ -59,6 +65,7 @@ class TrainingResult:
     rows_by_view: dict[str, int]
     loss_curve: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
+    resumed_from_step: int | None = None
 
 
 def train_lora(
@@ -74,6 +81,11 @@ def train_lora(
     Each row is a dict with `prompt`, `completion` and `view`. The loss covers completion tokens
     only. Each row's token losses are multiplied by the weight of its view (default 1.0), and the
     batch loss is their sum divided by the number of completion tokens.
+
+    Checkpoints go to `output_dir/checkpoints` every `config.checkpoint_steps` steps. When that
+    folder holds a complete checkpoint of the same job (same base model, rows, config and weights),
+    training restarts from the newest one instead of from step 0; the checkpoints of another job
+    are deleted. They are deleted after a successful job too.
 
     Raises:
         TrainingError: no rows, a row without prompt/completion, or a negative weight.
@@ -94,6 +106,10 @@ def train_lora(
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
+    checkpoint_dir = output_dir / "checkpoints"
+    resume_from = _resumable_checkpoint(checkpoint_dir, _job_fingerprint(base_model, rows, config, view_weights))
+    total_steps = math.ceil(len(rows) / config.batch_size) * max(1, math.ceil(config.epochs))
+    checkpoint_steps = config.checkpoint_steps or max(1, total_steps // 10)
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     if tokenizer.pad_token is None:
@@ -107,7 +123,7 @@ def train_lora(
         ]
     )
     args = SFTConfig(
-        output_dir=str(output_dir / "checkpoints"),
+        output_dir=str(checkpoint_dir),
         num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
@@ -115,7 +131,10 @@ def train_lora(
         warmup_steps=config.warmup_steps,
         max_length=config.max_length,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=checkpoint_steps,
+        # Two, because a kill during a save leaves the newest one incomplete.
+        save_total_limit=2,
         report_to=[],
         seed=config.seed,
         data_seed=config.seed,
@@ -139,8 +158,12 @@ def train_lora(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
     trainer.data_collator = _WeightedCollator(trainer.data_collator)
+    resumed_from_step = None
+    if resume_from is not None:
+        resumed_from_step = int(resume_from.name.split("-")[-1])
+        logger.info("Resuming LoRA training from %s (step %d)", resume_from, resumed_from_step)
     try:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     except RuntimeError as error:
         raise TrainingError(f"LoRA training on {len(rows)} rows from {base_model} failed: {error}") from error
 
@@ -158,6 +181,7 @@ def train_lora(
         rows_by_view[row["view"]] = rows_by_view.get(row["view"], 0) + 1
     seconds = time.perf_counter() - started
     logger.info("Trained LoRA on %d rows in %.1f s; adapter in %s", len(rows), seconds, adapter_dir)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     del trainer, model
     return TrainingResult(
@@ -167,7 +191,44 @@ def train_lora(
         rows_by_view=rows_by_view,
         loss_curve=loss_curve,
         train_seconds=seconds,
+        resumed_from_step=resumed_from_step,
     )
+
+
+def _job_fingerprint(base_model, rows: list[dict], config: LoraTrainingConfig, view_weights: dict) -> str:
+    payload = json.dumps([str(base_model), rows, asdict(config), view_weights], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> Path | None:
+    """Return the newest complete checkpoint of the job `fingerprint`, after clearing what cannot be resumed.
+
+    The folder's job.json names the job that wrote its checkpoints. Checkpoints of another job are
+    deleted, and so is a checkpoint that lacks one of the files the Trainer writes (a kill during
+    the save).
+    """
+    job_file = checkpoint_dir / "job.json"
+    if checkpoint_dir.exists():
+        try:
+            same_job = json.loads(job_file.read_text())["fingerprint"] == fingerprint
+        except (OSError, ValueError, KeyError):
+            same_job = False
+        if not same_job:
+            shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    job_file.write_text(json.dumps({"fingerprint": fingerprint}))
+
+    complete = []
+    for candidate in checkpoint_dir.glob("checkpoint-*"):
+        required = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
+        if candidate.name.split("-")[-1].isdigit() and all((candidate / name).exists() for name in required):
+            complete.append(candidate)
+        else:
+            logger.warning("Deleting incomplete checkpoint %s", candidate)
+            shutil.rmtree(candidate, ignore_errors=True)
+    if not complete:
+        return None
+    return max(complete, key=lambda path: int(path.name.split("-")[-1]))
 
 
 def _resolve_bf16(requested: bool | None) -> bool:
