@@ -6,8 +6,10 @@ from nesycd.tracing.store import (
     SCHEMA_VERSION,
     StageHandle,
     TraceStore,
+    export_file,
     format_table,
     query_file,
+    query_file_many,
     redact_secrets,
 )
 from nesycd.tracing.usage import pop_usage, set_usage
@@ -19,9 +21,11 @@ __all__ = [
     "StageHandle",
     "TraceCallback",
     "TraceStore",
+    "export_file",
     "format_table",
     "pop_usage",
     "query_file",
+    "query_file_many",
     "redact_secrets",
     "set_usage",
 ]

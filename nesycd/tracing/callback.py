@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import threading
@@ -11,7 +12,7 @@ from typing import Any
 
 from dspy.utils.callback import BaseCallback
 
-from nesycd.tracing.store import TraceStore
+from nesycd.tracing.store import TraceStore, utc_now
 from nesycd.tracing.usage import pop_usage
 
 logger = logging.getLogger(__name__)
@@ -20,6 +21,11 @@ logger = logging.getLogger(__name__)
 # (api_key, api_base, headers, ...) is never read.
 TRACED_LM_PARAMS = ("temperature", "max_tokens", "stop")
 
+# The span_id of the innermost module call in this thread. DSPy calls on_module_start and
+# on_module_end around the module call in the caller's thread, and nesycd.parallel copies the
+# context into its workers, so nested calls find their parent here.
+_current_span: contextvars.ContextVar[str | None] = contextvars.ContextVar("nesycd_current_span", default=None)
+
 
 @dataclass
 class _OpenCall:
@@ -27,12 +33,18 @@ class _OpenCall:
 
     start: float
     stage: str | None
+    stage_id: str | None = None
     row: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, Any] = field(default_factory=dict)
+    parent_id: str | None = None
+    name: str = ""
+    started_at: Any = None
+    token: contextvars.Token | None = None
+    retriever: bool = False
 
 
 class TraceCallback(BaseCallback):
-    """Record one lm_calls row per LM call and one retrievals row per retriever call.
+    """Record one lm_calls row per LM call, one spans row per module call and one retrievals row per retriever call.
 
     The role is the LM's ``nesycd_role`` attribute ("unknown" when absent). Token counts come
     from ``nesycd.tracing.usage.pop_usage`` and are set only by engines that report them,
@@ -59,9 +71,13 @@ class TraceCallback(BaseCallback):
             "messages": _messages_from_inputs(inputs),
             "params": _traced_params(instance, inputs),
             "thread": threading.current_thread().name,
+            "span_id": _current_span.get(),
         }
+        opened = _OpenCall(
+            start=time.perf_counter(), stage=self.store.current_stage, stage_id=self.store.current_stage_id, row=row
+        )
         with self._lock:
-            self._open[call_id] = _OpenCall(start=time.perf_counter(), stage=self.store.current_stage, row=row)
+            self._open[call_id] = opened
 
     def on_lm_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
         with self._lock:
@@ -71,6 +87,7 @@ class TraceCallback(BaseCallback):
             return
         row = dict(opened.row)
         row["stage"] = opened.stage
+        row["stage_id"] = opened.stage_id
         row["latency_s"] = time.perf_counter() - opened.start
         row["output"] = _first_output_text(outputs)
         if exception is not None:
@@ -86,27 +103,69 @@ class TraceCallback(BaseCallback):
     # ------------------------------------------------------------------ retrievals
 
     def on_module_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
-        if getattr(instance, "nesycd_retriever", False) is not True:
-            return
-        arguments = _module_arguments(instance, inputs)
+        stage_id = self.store.current_stage_id
+        retriever = getattr(instance, "nesycd_retriever", False) is True
+        opened = _OpenCall(
+            start=time.perf_counter(),
+            stage=self.store.current_stage,
+            stage_id=stage_id,
+            inputs=_module_arguments(instance, inputs) if retriever else {},
+            parent_id=_current_span.get() or stage_id,
+            name=type(instance).__name__,
+            started_at=utc_now(),
+            retriever=retriever,
+        )
+        opened.token = _current_span.set(call_id)
         with self._lock:
-            self._open[call_id] = _OpenCall(
-                start=time.perf_counter(), stage=self.store.current_stage, inputs=arguments
-            )
+            self._open[call_id] = opened
 
     def on_module_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
         with self._lock:
             opened = self._open.pop(call_id, None)
         if opened is None:
-            # Not a retriever: on_module_start kept nothing for it.
+            logger.warning("Module call %s ended without a recorded start, so it is not traced", call_id)
             return
+        self._restore_parent_span(opened)
+        seconds = time.perf_counter() - opened.start
+        error = None if exception is None else f"{type(exception).__name__}: {exception}"
+        self.store.record(
+            "spans",
+            {
+                "span_id": call_id,
+                "parent_id": opened.parent_id,
+                "stage": opened.stage,
+                "stage_id": opened.stage_id,
+                "kind": "module",
+                "name": opened.name,
+                "started_at": opened.started_at,
+                "seconds": seconds,
+                "error": error,
+            },
+        )
+        if opened.retriever:
+            self._record_retrieval(call_id, opened, outputs, exception, seconds)
+
+    @staticmethod
+    def _restore_parent_span(opened: _OpenCall) -> None:
+        try:
+            _current_span.reset(opened.token)
+        except ValueError:
+            # The end ran in another context than the start (a caller that switched threads), so
+            # the variable there is set explicitly to the parent's span.
+            _current_span.set(opened.parent_id if opened.parent_id != opened.stage_id else None)
+
+    def _record_retrieval(
+        self, call_id: str, opened: _OpenCall, outputs: Any | None, exception: BaseException | None, seconds: float
+    ) -> None:
         arguments = opened.inputs
         row: dict[str, Any] = {
             "retrieval_id": call_id,
+            "span_id": call_id,
             "stage": opened.stage,
+            "stage_id": opened.stage_id,
             "query": arguments.get("query"),
             "task": arguments.get("task"),
-            "latency_s": time.perf_counter() - opened.start,
+            "latency_s": seconds,
         }
         if exception is not None:
             row["error"] = f"{type(exception).__name__}: {exception}"

@@ -1,4 +1,4 @@
--- Trace store schema, version 1. One DuckDB file contains the trace of one compile run.
+-- Trace store schema, version 2. One DuckDB file contains the trace of one compile run.
 -- Timestamps are UTC without a time zone. JSON columns hold text written by json.dumps.
 -- When a table or column changes, raise SCHEMA_VERSION in store.py and the value inserted below.
 
@@ -6,7 +6,7 @@ CREATE TABLE IF NOT EXISTS schema_version (
     version INTEGER NOT NULL
 );
 
-INSERT INTO schema_version SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM schema_version);
+INSERT INTO schema_version SELECT 2 WHERE NOT EXISTS (SELECT 1 FROM schema_version);
 
 CREATE TABLE IF NOT EXISTS runs (
     run_id VARCHAR PRIMARY KEY,
@@ -19,15 +19,17 @@ CREATE TABLE IF NOT EXISTS runs (
     nesycd_version VARCHAR,
     python_version VARCHAR,
     hostname VARCHAR,
-    pid BIGINT
+    pid BIGINT,
+    attempts BIGINT,         -- 1 for a fresh run, +1 each time `nesycd compile` resumes it
+    resumed_at TIMESTAMP
 );
 
 CREATE TABLE IF NOT EXISTS stages (
     stage_id VARCHAR PRIMARY KEY,
     run_id VARCHAR,
     name VARCHAR,
-    status VARCHAR,          -- 'running', 'succeeded' or 'failed'
-    fingerprint VARCHAR,
+    status VARCHAR,          -- 'running', 'succeeded', 'failed', 'interrupted' (killed), or 'reused' (outputs of an earlier attempt)
+    fingerprint VARCHAR,     -- hash of the stage's inputs and settings; a resume reuses a stage whose hash matches
     started_at TIMESTAMP,
     finished_at TIMESTAMP,
     seconds DOUBLE,
@@ -50,6 +52,24 @@ CREATE TABLE IF NOT EXISTS lm_calls (
     cache_hit BOOLEAN,
     error VARCHAR,
     thread VARCHAR,
+    created_at TIMESTAMP,
+    stage_id VARCHAR,        -- the stage attempt (stages.stage_id) that made the call
+    span_id VARCHAR          -- the module call (spans.span_id) that made the call
+);
+
+-- One row per DSPy module call (programs, predictors, retrievers). parent_id is the enclosing
+-- module call's span_id, or the stage_id for a top-level call.
+CREATE TABLE IF NOT EXISTS spans (
+    span_id VARCHAR,
+    parent_id VARCHAR,
+    run_id VARCHAR,
+    stage VARCHAR,
+    stage_id VARCHAR,
+    kind VARCHAR,            -- 'module'
+    name VARCHAR,            -- the module's class name
+    started_at TIMESTAMP,
+    seconds DOUBLE,
+    error VARCHAR,
     created_at TIMESTAMP
 );
 
@@ -66,7 +86,9 @@ CREATE TABLE IF NOT EXISTS retrievals (
     confidence DOUBLE,       -- adaptive retrieval only: the student's confidence, 0 to 100
     latency_s DOUBLE,
     error VARCHAR,
-    created_at TIMESTAMP
+    created_at TIMESTAMP,
+    stage_id VARCHAR,
+    span_id VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS predictions (
@@ -83,7 +105,9 @@ CREATE TABLE IF NOT EXISTS predictions (
     correct BOOLEAN,
     knowledge JSON,
     knowledge_ids JSON,
-    created_at TIMESTAMP
+    created_at TIMESTAMP,
+    stage_id VARCHAR,
+    score DOUBLE             -- the metric's value; 1.0 or 0.0 for a boolean metric
 );
 
 CREATE TABLE IF NOT EXISTS failures (
@@ -97,7 +121,8 @@ CREATE TABLE IF NOT EXISTS failures (
     output VARCHAR,
     gold VARCHAR,
     detail VARCHAR,
-    created_at TIMESTAMP
+    created_at TIMESTAMP,
+    stage_id VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS kb_entries (
@@ -114,7 +139,8 @@ CREATE TABLE IF NOT EXISTS kb_entries (
     embedder VARCHAR,
     collection VARCHAR,
     status VARCHAR,
-    created_at TIMESTAMP
+    created_at TIMESTAMP,
+    stage_id VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS finetune_jobs (
@@ -132,7 +158,9 @@ CREATE TABLE IF NOT EXISTS finetune_jobs (
     train_seconds DOUBLE,
     status VARCHAR,
     error VARCHAR,
-    created_at TIMESTAMP
+    created_at TIMESTAMP,
+    stage_id VARCHAR,
+    resumed_from_step BIGINT -- the checkpoint step an interrupted job restarted from, NULL for a fresh job
 );
 
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -143,7 +171,8 @@ CREATE TABLE IF NOT EXISTS evaluations (
     n BIGINT,
     correct BIGINT,
     accuracy DOUBLE,
-    created_at TIMESTAMP
+    created_at TIMESTAMP,
+    stage_id VARCHAR
 );
 
 -- Views. They are replaced on every open, so a change here needs no SCHEMA_VERSION bump.
@@ -207,3 +236,58 @@ LEFT JOIN inserted i ON i.entry_id = e.entry_id
 LEFT JOIN used u ON u.entry_id = e.entry_id AND u.model_label IS NOT DISTINCT FROM l.model_label
 LEFT JOIN task_accuracy t ON t.task = e.task AND t.model_label IS NOT DISTINCT FROM l.model_label
 ORDER BY e.task, e.entry_id, l.model_label;
+
+-- Accuracy per stage, model label and task, from the predictions table.
+CREATE OR REPLACE VIEW accuracy_by_stage AS
+SELECT
+    stage,
+    model_label,
+    task,
+    count(*) AS n,
+    count(*) FILTER (WHERE correct) AS correct,
+    avg(CASE WHEN correct THEN 1.0 ELSE 0.0 END) AS accuracy
+FROM predictions
+GROUP BY stage, model_label, task
+ORDER BY stage, model_label, task;
+
+-- Calls, tokens and seconds of the teacher per stage. Token counts are NULL for engines that report none.
+CREATE OR REPLACE VIEW teacher_tokens_by_stage AS
+SELECT
+    stage,
+    count(*) AS calls,
+    count(*) FILTER (WHERE error IS NOT NULL) AS errors,
+    sum(prompt_tokens) AS prompt_tokens,
+    sum(completion_tokens) AS completion_tokens,
+    sum(latency_s) AS seconds
+FROM lm_calls
+WHERE role = 'teacher'
+GROUP BY stage
+ORDER BY min(created_at);
+
+-- Failures per stage, kind and task: wrong or unparseable answers, teacher errors, rejected KB entries.
+CREATE OR REPLACE VIEW failure_reasons AS
+SELECT
+    stage,
+    kind,
+    task,
+    count(*) AS failures,
+    any_value(detail) AS example_detail
+FROM failures
+GROUP BY stage, kind, task
+ORDER BY failures DESC, stage, kind, task;
+
+-- LM calls from the slowest, with their stage, role, token counts and error.
+CREATE OR REPLACE VIEW slowest_lm_calls AS
+SELECT
+    call_id,
+    stage,
+    role,
+    model,
+    latency_s,
+    prompt_tokens,
+    completion_tokens,
+    error,
+    created_at
+FROM lm_calls
+WHERE latency_s IS NOT NULL
+ORDER BY latency_s DESC;

@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from nesycd.errors import TraceStoreError
+from nesycd.errors import TraceStoreError, is_disk_full
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+# MIGRATIONS[v] upgrades a file from schema version v to v + 1; the schema file runs after them.
+MIGRATIONS = {1: Path(__file__).with_name("migrations") / "to_v2.sql"}
 
 DEFAULT_QUEUE_SIZE = 10_000
 DEFAULT_BATCH_ROWS = 2_000
@@ -43,6 +45,7 @@ ID_COLUMNS = {
     "failures": "failure_id",
     "kb_entries": "entry_id",
     "finetune_jobs": "job_id",
+    "spans": "span_id",
 }
 
 REDACTED = "[REDACTED]"
@@ -153,6 +156,56 @@ def query_file(path: str | Path, sql: str, *, retries_s: float = 5.0) -> tuple[l
         return _execute(connection, path, sql, None)
     finally:
         connection.close()
+
+
+def query_file_many(
+    path: str | Path, statements: Sequence[tuple[str, Sequence[Any] | None]], *, retries_s: float = 5.0
+) -> list[tuple[list[str], list[tuple]]]:
+    """Run several parameterised queries on one read-only connection, so that they see the same file state."""
+    path = Path(path)
+    if not path.is_file():
+        raise TraceStoreError(f"Trace file {path} not found. Pass the .duckdb file that a compile run wrote.")
+    connection = _connect(path, read_only=True, retries_s=retries_s)
+    try:
+        return [_execute(connection, path, sql, params) for sql, params in statements]
+    finally:
+        connection.close()
+
+
+def export_file(path: str | Path, out_dir: str | Path, *, file_format: str = "parquet", retries_s: float = 5.0) -> list[Path]:
+    """Write every table of a trace file to `out_dir/<table>.<format>` (parquet or csv) and return the paths."""
+    if file_format not in ("parquet", "csv"):
+        raise TraceStoreError(f"Export format {file_format!r} is not supported. Use parquet or csv.")
+    path, out_dir = Path(path), Path(out_dir)
+    if not path.is_file():
+        raise TraceStoreError(f"Trace file {path} not found. Pass the .duckdb file that a compile run wrote.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TraceStoreError(f"Cannot create the export folder {out_dir}: {error}. Pass a writable folder.") from error
+    duckdb = _duckdb()
+    connection = _connect(path, read_only=True, retries_s=retries_s)
+    written = []
+    try:
+        tables = [row[0] for row in connection.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' AND table_type = 'BASE TABLE' "
+            "ORDER BY table_name"
+        ).fetchall()]
+        for table in tables:
+            target = out_dir / f"{table}.{file_format}"
+            options = "(FORMAT parquet)" if file_format == "parquet" else "(FORMAT csv, HEADER true)"
+            try:
+                connection.execute(f"COPY \"{table}\" TO '{_sql_string(target)}' {options}")
+            except duckdb.Error as error:
+                raise TraceStoreError(f"Exporting table {table} of {path} to {target} failed: {error}") from error
+            written.append(target)
+    finally:
+        connection.close()
+    return written
+
+
+def _sql_string(path: Path) -> str:
+    return str(path).replace("'", "''")
 
 
 def _format_cell(value: Any, max_width: int) -> str:
@@ -286,6 +339,10 @@ def _convert_value(table: str, column: str, column_type: str, value: Any) -> Any
 # --------------------------------------------------------------------------- writer thread
 
 
+class _DiskFull(Exception):
+    """Raised inside the writer when DuckDB reports a full disk, so the rows stay buffered."""
+
+
 @dataclass
 class _FlushRequest:
     """A marker in the writer queue. The writer sets ``done`` once the rows queued before it are written."""
@@ -385,13 +442,14 @@ class TraceStore:
             connection = _connect(self.path, read_only=False, retries_s=self._lock_timeout_s)
             try:
                 found = self._read_schema_version(connection)
-                if found is not None and found != SCHEMA_VERSION:
-                    relation = "newer" if found > SCHEMA_VERSION else "older"
+                if found is not None and found > SCHEMA_VERSION:
                     raise TraceStoreError(
-                        f"Trace file {self.path} has schema version {found}, which is {relation} than "
+                        f"Trace file {self.path} has schema version {found}, which is newer than "
                         f"schema version {SCHEMA_VERSION} that this nesycd writes. "
                         "Write the trace to a new file, or open this one with a matching nesycd version."
                     )
+                if found is not None and found < SCHEMA_VERSION:
+                    self._migrate(connection, found)
                 try:
                     connection.execute(SCHEMA_PATH.read_text(encoding="utf-8"))
                 except duckdb.Error as error:
@@ -417,6 +475,22 @@ class TraceStore:
                 columns.setdefault(table, {})[column] = data_type.upper()
         return columns
 
+    def _migrate(self, connection, found: int) -> None:
+        """Upgrade the file from schema version `found` to SCHEMA_VERSION in one transaction."""
+        duckdb = _duckdb()
+        connection.execute("BEGIN TRANSACTION")
+        try:
+            for version in range(found, SCHEMA_VERSION):
+                connection.execute(MIGRATIONS[version].read_text(encoding="utf-8"))
+            connection.execute("COMMIT")
+        except (duckdb.Error, KeyError) as error:
+            connection.execute("ROLLBACK")
+            raise TraceStoreError(
+                f"Cannot migrate trace file {self.path} from schema version {found} to {SCHEMA_VERSION}: "
+                f"{error!r}. The file is unchanged; copy it and report the error, or write the trace to a new file."
+            ) from error
+        logger.info("Migrated trace file %s from schema version %d to %d", self.path, found, SCHEMA_VERSION)
+
     @staticmethod
     def _read_schema_version(connection) -> int | None:
         exists = connection.execute(
@@ -441,6 +515,12 @@ class TraceStore:
             return self._stage_stack[-1].name if self._stage_stack else None
 
     @property
+    def current_stage_id(self) -> str | None:
+        """The stage_id of the innermost open stage, or None outside every stage."""
+        with self._state_lock:
+            return self._stage_stack[-1].stage_id if self._stage_stack else None
+
+    @property
     def tables(self) -> dict[str, list[str]]:
         """The tables that ``record`` accepts, each with its column names."""
         return {table: list(columns) for table, columns in self._columns.items()}
@@ -454,8 +534,13 @@ class TraceStore:
 
     # ------------------------------------------------------------------ recording
 
-    def start_run(self, run_id: str, *, program: str, command: str, config: dict) -> None:
-        """Record the run row with status 'running'. Rows recorded afterwards get this run id."""
+    def start_run(self, run_id: str, *, program: str, command: str, config: dict) -> int:
+        """Record the run row with status 'running' and return the attempt number (1 for a new run).
+
+        Rows recorded afterwards get this run id. When the file already has a row for `run_id`, the
+        run is being resumed: the row gets status 'running', the new command, config and pid, and
+        one more attempt.
+        """
         if not run_id or not isinstance(run_id, str):
             raise TraceStoreError(f"run_id={run_id!r} is invalid. Pass a non-empty string.")
         with self._state_lock:
@@ -465,6 +550,19 @@ class TraceStore:
                     "start on it. Open a new TraceStore for each run."
                 )
             self._run_id = run_id
+        _, existing = self.query("SELECT coalesce(attempts, 1) FROM runs WHERE run_id = ?", [run_id])
+        if existing:
+            attempt = int(existing[0][0]) + 1
+            self._enqueue_statement(
+                "UPDATE runs SET status = 'running', command = ?, config = ?, pid = ?, attempts = ?, "
+                "resumed_at = ?, finished_at = NULL WHERE run_id = ?",
+                [command, _convert_value("runs", "config", "JSON", config), os.getpid(), attempt, utc_now(), run_id],
+            )
+            # Stages still 'running' belong to the attempt that was killed or crashed.
+            self._enqueue_statement(
+                "UPDATE stages SET status = 'interrupted' WHERE run_id = ? AND status = 'running'", [run_id]
+            )
+            return attempt
         self.record(
             "runs",
             {
@@ -478,8 +576,10 @@ class TraceStore:
                 "python_version": platform.python_version(),
                 "hostname": socket.gethostname(),
                 "pid": os.getpid(),
+                "attempts": 1,
             },
         )
+        return 1
 
     def finish_run(self, status: str) -> None:
         """Set the run's final status (for example 'succeeded' or 'failed') and its finish time."""
@@ -536,6 +636,40 @@ class TraceStore:
                 [status, utc_now(), seconds, counts, error_text, handle.stage_id],
             )
 
+    def find_stage(self, name: str, fingerprint: str) -> dict[str, Any] | None:
+        """Return the latest 'succeeded' or 'reused' row of stage `name` with `fingerprint`, or None."""
+        columns, rows = self.query(
+            "SELECT * FROM stages WHERE name = ? AND fingerprint = ? AND status IN ('succeeded', 'reused') "
+            "ORDER BY started_at DESC LIMIT 1",
+            [name, fingerprint],
+        )
+        if not rows:
+            return None
+        found = dict(zip(columns, rows[0]))
+        if isinstance(found.get("counts"), str):
+            found["counts"] = json.loads(found["counts"])
+        return found
+
+    def record_reused_stage(self, name: str, fingerprint: str, counts: dict[str, Any] | None = None) -> str:
+        """Record a stage whose outputs an earlier attempt made, with status 'reused'; return its stage_id."""
+        stage_id = uuid.uuid4().hex
+        now = utc_now()
+        self.record(
+            "stages",
+            {
+                "stage_id": stage_id,
+                "name": name,
+                "status": "reused",
+                "fingerprint": fingerprint,
+                "started_at": now,
+                "finished_at": now,
+                "seconds": 0.0,
+                "counts": counts or {},
+            },
+        )
+        logger.info("Stage %s reused from an earlier attempt (fingerprint %s)", name, fingerprint)
+        return stage_id
+
     def record(self, table: str, row: dict) -> None:
         """Validate ``row`` for ``table`` and queue it for the writer.
 
@@ -570,6 +704,8 @@ class TraceStore:
             row["run_id"] = self._run_id
         if "stage" in columns and "stage" not in row:
             row["stage"] = self.current_stage
+        if table != "stages" and "stage_id" in columns and "stage_id" not in row:
+            row["stage_id"] = self.current_stage_id
         if "created_at" in columns and row.get("created_at") is None:
             row["created_at"] = utc_now()
 
@@ -754,6 +890,14 @@ class TraceStore:
                     segment = self._segments[0]
                     errors.extend(self._write_segment(connection, segment))
                     self._segments.pop(0)
+            except _DiskFull as error:
+                # The rows stay buffered and the next flush tries again, as after a lock error.
+                self._last_write_error = str(error)
+                self._failed_writes += 1
+                if self._failed_writes == 1 or self._failed_writes % 30 == 0:
+                    logger.error("Trace flush to %s failed because the disk is full; %d rows stay buffered: %s",
+                                 self.path, self._pending_rows, error)
+                return str(error)
             finally:
                 self._segments = self._segments or [_Segment()]
                 connection.close()
@@ -772,6 +916,8 @@ class TraceStore:
             try:
                 self._append_rows(connection, table, rows)
             except (duckdb.Error, ValueError, TypeError, OverflowError) as error:
+                if is_disk_full(error):
+                    raise _DiskFull(f"{error} (while writing {len(rows)} rows for table {table})") from error
                 message = f"{len(rows)} rows for table {table} were dropped: {error}"
                 errors.append(message)
                 logger.error("Trace write to %s failed, %s", self.path, message)
@@ -788,6 +934,8 @@ class TraceStore:
             try:
                 connection.execute(sql, params)
             except duckdb.Error as error:
+                if is_disk_full(error):
+                    raise _DiskFull(str(error)) from error
                 message = f"statement {sql!r} was dropped: {error}"
                 errors.append(message)
                 logger.error("Trace write to %s failed, %s", self.path, message)
