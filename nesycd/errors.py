@@ -39,3 +39,28 @@ class TrainingError(NesycdError):
 
 class ArtifactError(NesycdError):
     """A compiled artifact is missing, incomplete or does not match its manifest."""
+
+
+class DiskFullError(NesycdError):
+    """A write failed because the disk (or the file-size limit) is full."""
+
+
+# errno values of a full disk (ENOSPC), a full quota (EDQUOT) and a file-size limit (EFBIG), and the
+# texts that libraries put in errors that do not keep the OSError: SQLite (Qdrant's local mode),
+# DuckDB and torch.save.
+_DISK_FULL_ERRNOS = {28, 122, 27}
+_DISK_FULL_TEXTS = ("no space left on device", "database or disk is full", "file too large", "disk quota exceeded")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Return True when `error`, or an error in its cause or context chain, reports a full disk."""
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(current).lower() for text in _DISK_FULL_TEXTS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

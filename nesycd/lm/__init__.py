@@ -18,6 +18,7 @@ def make_lm(
     adapter: tuple[str, str] | None = None,
     api_base: str | None = None,
     max_tokens: int = 256,
+    timeout_s: float = 120.0,
 ):
     """Build a `dspy.LM` for `name`, tagged with its role for the traces.
 
@@ -30,14 +31,17 @@ def make_lm(
         api_base: the base URL of an OpenAI-compatible server for a litellm model string. The API key
             comes from the provider's usual variable (for example OPENAI_API_KEY) and is never traced.
         max_tokens: the default generation limit.
+        timeout_s: seconds before a request to a server times out (litellm model strings only).
 
     Decoding is greedy (temperature 0) so that runs can be compared and resumed.
     """
     import dspy
 
     if is_remote(name) or api_base:
-        # litellm retries timeouts, rate limits and 5xx responses with exponential backoff.
-        lm = dspy.LM(name, api_base=api_base, temperature=0.0, max_tokens=max_tokens, cache=True, num_retries=3)
+        # Timeouts, rate limits and 5xx responses are retried 3 times. Measured with dspy 3.4 against a
+        # loopback server: 1, 2 and 4 s between tries after a 500, none after a 429 with "Retry-After: 0".
+        lm = dspy.LM(name, api_base=api_base, temperature=0.0, max_tokens=max_tokens, cache=True, num_retries=3,
+                     timeout=timeout_s)
     else:
         from nesycd.lm.local import LocalEngine, LocalModel
 
