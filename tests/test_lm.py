@@ -93,3 +93,136 @@ def test_adapter_switch(tiny_student, tmp_path):
     model.close()
     assert "green" in tuned
     assert base_after == base_before
+
+
+@pytest.fixture(scope="module")
+def sharp_lm(tmp_path_factory):
+    """A tiny random Llama with larger initial weights, whose greedy output changes with positions and padding.
+
+    With the usual 0.02 initialisation a 2-layer model repeats one token whatever its inputs, so
+    a wrong position id or an unmasked pad would go unnoticed.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-sharp"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m").path)
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model = LocalModel(folder, name="tiny-sharp")
+    yield model
+    model.close()
+
+
+def _generate_alone(model: LocalModel, prompt: str, max_new_tokens: int) -> tuple[str, int]:
+    """Greedy `model.generate` on one unpadded prompt, outside LocalModel's batching."""
+    import torch
+
+    ids = model.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        output = model.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=model.tokenizer.pad_token_id,
+        )
+    new_ids = output[0, ids.shape[1] :].tolist()
+    if model.tokenizer.eos_token_id in new_ids:
+        new_ids = new_ids[: new_ids.index(model.tokenizer.eos_token_id)]
+    return model.tokenizer.decode(new_ids, skip_special_tokens=True), len(new_ids)
+
+
+def test_continuous_batching_used(sharp_lm):
+    sharp_lm.generate(PROMPTS[0], max_new_tokens=2)
+    assert sharp_lm._continuous is True
+
+
+def test_batched_equals_plain_generate(sharp_lm):
+    limits = [12, 5, 16, 9]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        results = list(pool.map(lambda pair: sharp_lm.generate(pair[0], max_new_tokens=pair[1]), zip(PROMPTS, limits)))
+    for prompt, limit, result in zip(PROMPTS, limits, results):
+        text, tokens = _generate_alone(sharp_lm, prompt, limit)
+        assert result.text == text, prompt
+        assert result.completion_tokens == tokens, prompt
+
+
+def test_requests_join_running_batch(sharp_lm):
+    import time
+
+    prompts = PROMPTS * 3
+    sequential = [sharp_lm.generate(prompt, max_new_tokens=24).text for prompt in prompts]
+
+    def delayed(index: int) -> str:
+        # Staggered arrivals make requests join and leave a batch that is already decoding.
+        time.sleep(0.003 * index)
+        return sharp_lm.generate(prompts[index], max_new_tokens=24).text
+
+    with ThreadPoolExecutor(8) as pool:
+        batched = list(pool.map(delayed, range(len(prompts))))
+    assert batched == sequential
+
+
+def test_sliding_window_model_uses_fixed_batches(tmp_path):
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m").path)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "sliding")
+    tokenizer.save_pretrained(tmp_path / "sliding")
+    model = LocalModel(tmp_path / "sliding", name="tiny-sliding")
+    sequential = [model.generate(prompt, max_new_tokens=8).text for prompt in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        batched = list(pool.map(lambda prompt: model.generate(prompt, max_new_tokens=8).text, PROMPTS))
+    model.close()
+    assert model._continuous is False
+    assert batched == sequential
+
+
+def test_decode_error_reaches_caller(sharp_lm, monkeypatch):
+    from nesycd.lm import local
+
+    original = local._DecodeBatch.forward
+    calls = {"count": 0}
+
+    def failing_once(self, model):
+        calls["count"] += 1
+        if calls["count"] == 1:
+            raise RuntimeError("injected decode failure")
+        return original(self, model)
+
+    monkeypatch.setattr(local._DecodeBatch, "forward", failing_once)
+    with pytest.raises(RuntimeError, match="injected decode failure"):
+        sharp_lm.generate(PROMPTS[0], max_new_tokens=6)
+    recovered = sharp_lm.generate(PROMPTS[0], max_new_tokens=6)
+    assert recovered.completion_tokens == 6

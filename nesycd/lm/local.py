@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +25,18 @@ class LocalModelConfig:
         batch_wait_s: seconds the worker waits for more requests after the first one arrives.
         max_prompt_tokens: longer prompts are cut from the left, keeping the question and the
             end of the prompt.
+        continuous_batching: decode the running requests together one token at a time, let a
+            request leave the batch as soon as it finishes, and let waiting requests join
+            between steps. Each prompt is prefilled on its own, without padding. When the
+            model's KV cache has layers other than full-attention ones (sliding windows, for
+            example) or its generation config sets logits processors, requests are served by
+            `generate` calls on fixed batches instead.
     """
 
     max_batch_size: int = 8
     batch_wait_s: float = 0.05
     max_prompt_tokens: int = 2048
+    continuous_batching: bool = True
 
 
 @dataclass
@@ -90,6 +98,9 @@ class LocalModel:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.adapters: dict[str, Path] = {}
+        # None until the worker checks whether the model supports continuous batching.
+        self._continuous: bool | None = None if self.config.continuous_batching else False
+        self._eos_ids = _eos_token_ids(self.model.generation_config, self.tokenizer)
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._worker: threading.Thread | None = None
@@ -190,6 +201,19 @@ class LocalModel:
                 self._worker.start()
 
     def _serve(self) -> None:
+        if self._continuous is None:
+            with self._lock:
+                try:
+                    self._continuous = self._supports_continuous_batching()
+                except Exception:  # the fixed-batch path serves the requests and reports their errors
+                    logger.exception("Checking %s for continuous batching failed; serving fixed batches", self.name)
+                    self._continuous = False
+        if self._continuous:
+            self._serve_continuous()
+        else:
+            self._serve_batches()
+
+    def _serve_batches(self) -> None:
         while True:
             first = self._queue.get()
             if first is None:
@@ -271,6 +295,131 @@ class LocalModel:
             )
         return results  # type: ignore[return-value]
 
+    def _supports_continuous_batching(self) -> bool:
+        """Check whether the model's KV cache and generation config allow the continuous decode loop."""
+        import torch
+
+        processors = _active_logits_processors(self.model.generation_config)
+        if processors:
+            logger.info("%s sets %s in its generation config, so requests are served in fixed batches", self.name, processors)
+            return False
+        probe = torch.tensor([[self._eos_ids[0] if self._eos_ids else 0]], dtype=torch.long)
+        try:
+            with torch.inference_mode():
+                output = self.model(input_ids=probe, use_cache=True, logits_to_keep=1)
+        except TypeError as error:
+            logger.info("%s does not take logits_to_keep (%s), so requests are served in fixed batches", self.name, error)
+            return False
+        cache = output[_cache_field(output)]
+        layer_types = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [None])})
+        if type(cache).__name__ != "DynamicCache" or layer_types != ["DynamicLayer"]:
+            logger.info("%s has KV cache layers %s, so requests are served in fixed batches", self.name, layer_types)
+            return False
+        return True
+
+    def _serve_continuous(self) -> None:
+        """Decode the running requests one token per step, admitting waiting requests between steps.
+
+        A request leaves the batch when it is done. Requests are admitted in arrival order. All running requests share one adapter, so a
+        request for another adapter waits, and blocks the ones behind it, until the batch drains.
+        """
+        waiting: deque[_Pending] = deque()
+        batch: _DecodeBatch | None = None
+        closing = False
+        while True:
+            if batch is None and not waiting:
+                if closing:
+                    return
+                item = self._queue.get()
+                if item is None:
+                    return
+                waiting.append(item)
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    closing = True
+                else:
+                    waiting.append(item)
+
+            while waiting and (batch is None or len(batch) < self.config.max_batch_size):
+                if batch is not None and waiting[0].adapter != batch.adapter:
+                    break
+                item = waiting.popleft()
+                if batch is None:
+                    batch = _DecodeBatch(item.adapter)
+                self._admit(batch, item)
+            if batch is not None and len(batch) == 0:
+                batch = None
+                continue
+            if batch is not None:
+                self._decode_step(batch)
+                if len(batch) == 0:
+                    batch = None
+
+    def _admit(self, batch: "_DecodeBatch", item: _Pending) -> None:
+        """Prefill one prompt alone, pick its first token and add it to the batch unless it is already done."""
+        import torch
+
+        try:
+            ids = self.tokenizer(item.prompt, add_special_tokens=False)["input_ids"][-self.config.max_prompt_tokens :]
+            if not ids:
+                ids = [self._eos_ids[0] if self._eos_ids else 0]
+            with self._lock, torch.inference_mode(), self._adapter_context(item.adapter):
+                output = self.model(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=True, logits_to_keep=1)
+            row = _Row(item, len(ids))
+            if not self._append_token(row, int(output.logits[0, -1].argmax())):
+                batch.join(row, output[_cache_field(output)], len(ids), _cache_field(output))
+        except Exception as error:  # handed to the waiting caller, which re-raises it
+            logger.exception("Prefill failed for one request on %s", self.name)
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    def _decode_step(self, batch: "_DecodeBatch") -> None:
+        import torch
+
+        try:
+            with self._lock, torch.inference_mode(), self._adapter_context(batch.adapter):
+                logits = batch.forward(self.model)
+            next_tokens = logits[:, -1].argmax(dim=-1).tolist()
+            finished = [
+                index for index, (row, token) in enumerate(zip(batch.rows, next_tokens)) if self._append_token(row, token)
+            ]
+            if finished:
+                batch.remove(finished)
+        except Exception as error:  # handed to every waiting caller, which re-raises it
+            logger.exception("Decoding failed for %d requests on %s", len(batch), self.name)
+            for row in batch.rows:
+                if not row.item.future.done():
+                    row.item.future.set_exception(error)
+            batch.clear()
+
+    def _append_token(self, row: "_Row", token: int) -> bool:
+        """Add a generated token to the row; when the row is done, set its result and return True."""
+        item = row.item
+        hit_eos = token in self._eos_ids
+        if not hit_eos:
+            row.generated.append(token)
+        stopped = False
+        if not hit_eos and item.stop:
+            tail = self.tokenizer.decode(row.generated[-32:], skip_special_tokens=True)
+            stopped = any(stop in tail for stop in item.stop)
+        if not (hit_eos or stopped or len(row.generated) >= item.max_new_tokens):
+            return False
+        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        text, cut = _cut_at_stop(text, item.stop)
+        item.future.set_result(
+            Generation(
+                text=text,
+                prompt_tokens=row.prompt_tokens,
+                completion_tokens=len(row.generated),
+                finish_reason="stop" if hit_eos or cut or stopped else "length",
+            )
+        )
+        return True
+
     def _adapter_context(self, adapter: str | None):
         from contextlib import nullcontext
 
@@ -278,7 +427,8 @@ class LocalModel:
             return nullcontext()
         if adapter is None:
             return self.model.disable_adapter()
-        self.model.set_adapter(adapter)
+        if self.model.active_adapter != adapter:
+            self.model.set_adapter(adapter)
         return nullcontext()
 
 
@@ -304,6 +454,131 @@ class _PerRowStop:
                 tail = self.tokenizer.decode(input_ids[row, self.prompt_width :][-32:], skip_special_tokens=True)
                 done[row] = any(stop in tail for stop in self.stops[row])
         return done
+
+
+# Generation-config fields that change greedy decoding through logits processors, with the value
+# that leaves decoding unchanged. The continuous loop applies no processors.
+_NEUTRAL_PROCESSOR_VALUES = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None, []),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []),
+    "sequence_bias": (None, {}),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,),
+}
+
+
+def _active_logits_processors(generation_config) -> list[str]:
+    return [
+        name
+        for name, neutral in _NEUTRAL_PROCESSOR_VALUES.items()
+        if not any(getattr(generation_config, name, None) == value for value in neutral)
+    ]
+
+
+def _eos_token_ids(generation_config, tokenizer) -> list[int]:
+    """Return the token ids that end a generation: the generation config's, then the tokenizer's."""
+    configured = generation_config.eos_token_id
+    ids = [token for token in (configured if isinstance(configured, list) else [configured]) if token is not None]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _cache_field(output) -> str:
+    # transformers renamed the output field past_key_values to cache during 5.x.
+    return "cache" if "cache" in output else "past_key_values"
+
+
+@dataclass
+class _Row:
+    item: _Pending
+    prompt_tokens: int
+    generated: list[int] = field(default_factory=list)
+
+
+class _DecodeBatch:
+    """The running requests of the continuous loop: their KV cache, attention mask and next input tokens.
+
+    Rows are left-padded to a common cache width. The attention mask hides the padding, and
+    each row's position ids count only its real tokens, so a row's numbers do not depend on
+    the other rows. Columns that are padding in every row are cropped after rows leave.
+    """
+
+    def __init__(self, adapter: str | None):
+        self.adapter = adapter
+        self.rows: list[_Row] = []
+        self.cache = None
+        self.cache_field = "cache"
+        self.mask = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def join(self, row: _Row, row_cache, prompt_tokens: int, cache_field: str) -> None:
+        import torch
+        from torch.nn.functional import pad
+
+        row_mask = torch.ones((1, prompt_tokens), dtype=torch.long)
+        if self.cache is None:
+            self.cache, self.mask, self.cache_field = row_cache, row_mask, cache_field
+            self.rows.append(row)
+            return
+
+        width = max(self.mask.shape[1], prompt_tokens)
+        batch_padding = (0, 0, width - self.mask.shape[1], 0)
+        row_padding = (0, 0, width - prompt_tokens, 0)
+        for layer, row_layer in zip(self.cache.layers, row_cache.layers):
+            layer.keys = torch.cat([pad(layer.keys, batch_padding), pad(row_layer.keys, row_padding)])
+            layer.values = torch.cat([pad(layer.values, batch_padding), pad(row_layer.values, row_padding)])
+        self.mask = torch.cat([pad(self.mask, batch_padding[2:]), pad(row_mask, row_padding[2:])])
+        self.rows.append(row)
+
+    def forward(self, model):
+        """Run the last generated token of every row through the model and return the logits."""
+        import torch
+
+        input_ids = torch.tensor([[row.generated[-1]] for row in self.rows], dtype=torch.long)
+        positions = self.mask.sum(dim=1, keepdim=True)
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
+        output = model(
+            input_ids=input_ids,
+            attention_mask=self.mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_field: self.cache},
+        )
+        return output.logits
+
+    def clear(self) -> None:
+        self.rows = []
+        self.cache = self.mask = None
+
+    def remove(self, indices: list[int]) -> None:
+        import torch
+
+        leaving = set(indices)
+        keep = [index for index in range(len(self.rows)) if index not in leaving]
+        if not keep:
+            self.clear()
+            return
+        self.rows = [self.rows[index] for index in keep]
+        selected = torch.tensor(keep, dtype=torch.long)
+        self.mask = self.mask[selected]
+        first_real = int(self.mask.any(dim=0).nonzero()[0])
+        self.mask = self.mask[:, first_real:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[selected, :, first_real:]
+            layer.values = layer.values[selected, :, first_real:]
 
 
 def _strip_after_eos(ids: list[int], eos_id: int | None, pad_id: int | None) -> list[int]:
