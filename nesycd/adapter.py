@@ -14,7 +14,8 @@ prompts that `ReasoningAdapter` sends to an LM and the prompt/completion rows th
 
 The completion is ` <reasoning> Therefore, the answer is <answer>.` For the answer-only view the
 header has no step-by-step instruction, the prompt ends with `Answer:`, and the completion is
-` <answer>`.
+` <answer>`. The rationale view (the rationale task of distilling step-by-step) has the same header
+as the answer view, ends with `Rationale:`, and its completion is ` <reasoning>` without the answer.
 """
 
 from __future__ import annotations
@@ -35,10 +36,15 @@ KNOWLEDGE_LEAD_IN = (
 )
 COT_CUE = "Answer: Let's think step by step."
 ANSWER_CUE = "Answer:"
+RATIONALE_CUE = "Rationale:"
 # Generation stops where a small model starts inventing the next question.
 STOP_STRINGS = ("\nQuestion:", "\n\n\n")
+# An answer-only completion is one line.
+ANSWER_STOP_STRINGS = ("\n",)
 
-VIEWS = ("kb_cot", "cot", "answer")
+VIEWS = ("kb_cot", "cot", "answer", "rationale")
+# The prompt a ReasonStep sends at inference: chain of thought (with knowledge when retrieved) or answer only.
+INFERENCE_VIEWS = ("cot", "answer")
 
 
 def format_prompt(
@@ -64,6 +70,11 @@ def format_prompt(
     return "\n\n".join(blocks)
 
 
+def format_rationale_prompt(task_description: str, question: str) -> str:
+    """Render the prompt of the rationale task: the task description, the question and `Rationale:`."""
+    return f"{task_description.strip()}\n\nQuestion: {question.strip()}\n{RATIONALE_CUE}"
+
+
 def format_completion(reasoning: str, answer: str) -> str:
     """Render a chain-of-thought completion that ends with the answer marker."""
     reasoning = reasoning.strip()
@@ -86,14 +97,19 @@ def training_row(
     """Build one prompt/completion row of a fine-tuning view.
 
     Views: `kb_cot` (knowledge + question -> reasoning and answer), `cot` (question -> reasoning and
-    answer) and `answer` (question -> answer only). The prompt is byte-identical to the one
-    `ReasoningAdapter` sends at inference for the same inputs.
+    answer), `answer` (question -> answer only) and `rationale` (question -> reasoning only). The
+    prompts of `kb_cot`, `cot` and `answer` are byte-identical to the ones `ReasoningAdapter` sends
+    at inference for the same inputs. The rationale task is trained but never run at inference.
     """
     if view not in VIEWS:
         raise ValueError(f"Unknown fine-tuning view {view!r}; expected one of {VIEWS}.")
     if view == "answer":
         prompt = format_prompt(task_description, question, answer_only=True)
         return {"prompt": prompt, "completion": f" {answer.strip()}"}
+    if view == "rationale":
+        if not reasoning.strip():
+            raise ValueError(f"The rationale view needs a non-empty reasoning; the question was {question[:80]!r}.")
+        return {"prompt": format_rationale_prompt(task_description, question), "completion": f" {reasoning.strip()}"}
     prompt = format_prompt(task_description, question, knowledge=knowledge if view == "kb_cot" else ())
     return {"prompt": prompt, "completion": format_completion(reasoning, answer)}
 
@@ -113,9 +129,21 @@ class ReasoningAdapter(dspy.Adapter):
 
     Demos are rendered only when their `task` matches the input's `task` (when both have one), so
     one predictor can hold few-shot demonstrations for many tasks.
+
+    Args:
+        view: "cot" (chain of thought, with knowledge when retrieved) or "answer" (the answer-only
+            prompt of students fine-tuned on answers; knowledge and demos are not rendered).
     """
 
+    def __init__(self, view: str = "cot", **kwargs):
+        super().__init__(**kwargs)
+        check_inference_view(view)
+        self.view = view
+
     def format(self, signature, demos: list[dict[str, Any]], inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.view == "answer":
+            prompt = format_prompt(inputs["task_description"], inputs["question"], answer_only=True)
+            return [{"role": "user", "content": prompt}]
         task = inputs.get("task")
         chosen = [demo for demo in demos if task is None or demo.get("task") in (None, task)]
         prompt = format_prompt(
@@ -127,17 +155,44 @@ class ReasoningAdapter(dspy.Adapter):
         return [{"role": "user", "content": prompt}]
 
     def parse(self, signature, completion: str) -> dict[str, Any]:
+        if self.view == "answer":
+            return {"reasoning": completion.strip(), "answer": parse_answer_only(completion)}
         return {"reasoning": completion.strip(), "answer": extract_answer(completion)}
 
     def __call__(self, lm, lm_kwargs, signature, demos, inputs):
         messages = self.format(signature, demos, inputs)
-        outputs = lm(messages=messages, **{"stop": list(STOP_STRINGS), **lm_kwargs})
+        outputs = lm(messages=messages, **{"stop": list(self._stop_strings()), **lm_kwargs})
         return [self.parse(signature, _output_text(output)) for output in outputs]
 
     async def acall(self, lm, lm_kwargs, signature, demos, inputs):
         messages = self.format(signature, demos, inputs)
-        outputs = await lm.acall(messages=messages, **{"stop": list(STOP_STRINGS), **lm_kwargs})
+        outputs = await lm.acall(messages=messages, **{"stop": list(self._stop_strings()), **lm_kwargs})
         return [self.parse(signature, _output_text(output)) for output in outputs]
+
+    def _stop_strings(self) -> tuple[str, ...]:
+        return ANSWER_STOP_STRINGS if self.view == "answer" else STOP_STRINGS
+
+
+def check_inference_view(view: str) -> None:
+    """Raise ValueError unless `view` is one of INFERENCE_VIEWS."""
+    if view not in INFERENCE_VIEWS:
+        raise ValueError(f"Unknown inference view {view!r}; expected one of {INFERENCE_VIEWS}.")
+
+
+def parse_answer_only(completion: str) -> str | None:
+    """Return the answer of an answer-only completion: its first non-empty line without a final period.
+
+    A completion that contains an answer marker ("Therefore, the answer is ...") is read after the
+    marker instead. Returns None for an empty completion.
+    """
+    marked = extract_answer(completion)
+    if marked is not None:
+        return marked
+    for line in completion.splitlines():
+        answer = line.strip().removesuffix(".").strip()
+        if answer:
+            return answer
+    return None
 
 
 def _output_text(output: Any) -> str:
@@ -149,26 +204,41 @@ def _output_text(output: Any) -> str:
 class ReasonStep(dspy.Predict):
     """The reasoning predictor of a nesycd program: `dspy.Predict(Reason)` served through `ReasoningAdapter`.
 
+    `view` picks the prompt: "cot" (the default) or "answer" for students fine-tuned to answer
+    directly. It is part of the predictor's saved state, so a compiled program keeps it.
+
     Example:
         >>> step = ReasonStep()
         >>> step(task_description="Answer the question.", question="Is 7 prime?", knowledge=[], task="demo")
     """
 
-    def __init__(self, **config):
+    def __init__(self, view: str = "cot", **config):
+        check_inference_view(view)
         super().__init__(Reason, **config)
+        self.view = view
 
     def forward(self, **kwargs):
         task = kwargs.pop("task", None)
-        adapter = _TaskAdapter(task)
+        adapter = _TaskAdapter(task, view=getattr(self, "view", "cot"))
         with dspy.context(adapter=adapter):
             return super().forward(**kwargs)
+
+    def dump_state(self, json_mode=True):
+        return {**super().dump_state(json_mode=json_mode), "view": self.view}
+
+    def load_state(self, state: dict, **kwargs):
+        view = state.get("view", "cot")  # states saved before views existed are chain-of-thought
+        check_inference_view(view)
+        super().load_state(state, **kwargs)
+        self.view = view
+        return self
 
 
 class _TaskAdapter(ReasoningAdapter):
     """ReasoningAdapter bound to the task of one call, so demos of other tasks are left out."""
 
-    def __init__(self, task: str | None):
-        super().__init__()
+    def __init__(self, task: str | None, view: str = "cot"):
+        super().__init__(view=view)
         self.task = task
 
     def format(self, signature, demos, inputs):

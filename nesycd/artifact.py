@@ -1,4 +1,9 @@
-"""The compiled artifact: a folder with a JSON manifest, the LoRA adapter, a KB snapshot and the program."""
+"""The compiled artifact: a folder with a JSON manifest, the LoRA adapter, a KB snapshot and the program.
+
+Every method writes the same folder layout. Methods that do not fine-tune (zero-shot student,
+few-shot teacher) have no adapter, and methods without a knowledge base have no KB; the manifest
+records those parts as null.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import platform
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,8 +24,9 @@ from nesycd.errors import ArtifactError, KnowledgeBaseError
 logger = logging.getLogger(__name__)
 
 # Version 2 added base_weights (hash and optional bundled copy of the base model), the sha256 of the
-# adapter config and of the program files. Version 1 folders still load, without those checks.
-FORMAT_VERSION = 2
+# adapter config and of the program files. Version 3 added "method", "model_api_base" and "training",
+# and allows a null adapter, kb and embedder. Version 1 and 2 folders still load.
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 GENERIC_TASK_DESCRIPTION = "Answer the question."
 BUNDLED_BASE = "base"
@@ -29,6 +35,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # Formats that unpickle on load; the artifact never contains them.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
 REQUIRED_KEYS = ("base_model", "adapter", "retriever", "embedder", "kb", "program", "generation")
+# Required keys whose value is null in format 3 when the method has no adapter or no knowledge base.
+NULLABLE_KEYS = ("adapter", "embedder", "kb")
 # The knowledge entries as JSON lines. `load` rebuilds the search index in memory from this file and
 # never opens kb/, because Qdrant's local mode stores points as pickles inside SQLite.
 KB_ENTRIES = "kb_entries.jsonl"
@@ -40,76 +48,77 @@ def save_compiled(
     program,
     program_file: str | Path,
     base_model: str,
-    adapter_dir: str | Path,
-    kb_dir: str | Path,
-    kb_collection: str,
-    embedder_id: str,
-    embedder: str | None,
     tasks: dict[str, str],
     max_tokens: int,
     run_id: str,
+    adapter_dir: str | Path | None = None,
+    kb_dir: str | Path | None = None,
+    kb_collection: str | None = None,
+    embedder_id: str | None = None,
+    embedder: str | None = None,
     bundle_base: bool | None = None,
+    method: str = "nesycd",
+    model_api_base: str | None = None,
+    training: dict | None = None,
 ) -> Path:
     """Write the compiled folder: manifest.json, adapter/, kb/, kb_entries.jsonl, program.py, program_state.json, base/.
 
     Args:
-        base_model: the student id as given to the compile (packaged id, local folder or hub id).
+        base_model: the model the program generates with, as given to the compile (packaged id,
+            local folder, hub id, or a litellm model string for a remote teacher).
+        adapter_dir: the LoRA adapter folder; None for methods that do not fine-tune.
+        kb_dir: the Qdrant folder of the knowledge base; None for methods without one. The
+            program's retriever must then be a NoRetriever.
         bundle_base: copy the base model's safetensors weights and tokenizer into base/, so the
             folder loads on a machine without that model. None (the default) bundles local folders
             only, because packaged ids and hub ids resolve on the loading machine.
+        method: the optimizer that built the program (a name in optimizers.METHODS).
+        model_api_base: base URL of the OpenAI-compatible server that serves a remote `base_model`.
+        training: a summary of the training data, for example {"examples": 40, "per_task": {...}}.
 
     kb/ is a copy of the Qdrant folder for `nesycd kb` and other Qdrant tools, and kb_entries.jsonl
     contains the same entries as JSON lines for `load`. The knowledge-base folder must be closed (no
     open Qdrant client) while it is copied.
-    """
-    from nesycd.lm import resolve_model
-    from nesycd.training.sft import adapter_sha256
 
-    resolved = resolve_model(base_model)
+    Raises:
+        ArtifactError: the program retrieves from a knowledge base but no kb_dir was given.
+    """
+    from nesycd.lm import is_remote, resolve_model
+
+    retriever_config = program.retriever.config()
+    if kb_dir is None and retriever_config.get("kind") != "none":
+        raise ArtifactError(
+            f"The program's retriever is {retriever_config.get('kind')!r} but no knowledge base was given. "
+            "Pass kb_dir, or set program.retriever = NoRetriever()."
+        )
+    remote = is_remote(base_model) or model_api_base is not None
+    resolved = None if remote else resolve_model(base_model)
     if bundle_base is None:
-        bundle_base = resolved.source == "local"
+        bundle_base = resolved is not None and resolved.source == "local"
+    if bundle_base and resolved is None:
+        raise ArtifactError(f"Base model {base_model} is served remotely, so its weights cannot be bundled.")
 
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    shutil.copytree(adapter_dir, out_dir / "adapter")
-    shutil.copytree(kb_dir, out_dir / "kb")
-    entries = _read_qdrant_entries(out_dir / "kb", kb_collection, embedder)
-    _write_entries(out_dir / KB_ENTRIES, entries)
     shutil.copy2(program_file, out_dir / "program.py")
     (out_dir / "program_state.json").write_text(json.dumps(_program_state(program), indent=1, default=str))
     if bundle_base:
         _copy_base(resolved.path, out_dir / BUNDLED_BASE)
 
-    weights_folder = out_dir / BUNDLED_BASE if bundle_base else resolved.path
-    weights_sha256, weight_files = base_weights_sha256(weights_folder)
     manifest = {
         "format_version": FORMAT_VERSION,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run_id": run_id,
+        "method": method,
         "base_model": base_model,
-        "base_weights": {
-            "source": resolved.source,
-            "path": BUNDLED_BASE if bundle_base else None,
-            "sha256": weights_sha256,
-            "files": weight_files,
-        },
-        "adapter": {
-            "path": "adapter",
-            "type": "lora",
-            "sha256": adapter_sha256(out_dir / "adapter"),
-            "config_sha256": file_sha256(out_dir / "adapter" / "adapter_config.json"),
-        },
-        "retriever": program.retriever.config(),
-        "embedder": {"id": embedder_id, "model": embedder},
-        "kb": {
-            "path": "kb",
-            "collection": kb_collection,
-            "entries_file": KB_ENTRIES,
-            "entries_sha256": file_sha256(out_dir / KB_ENTRIES),
-            "count": len(entries),
-        },
+        "model_api_base": model_api_base,
+        "base_weights": None if resolved is None else _base_weights_record(out_dir, resolved, bundle_base),
+        "adapter": None if adapter_dir is None else _copy_adapter(adapter_dir, out_dir),
+        "retriever": retriever_config,
+        "embedder": None,
+        "kb": None,
         "program": {
             "file": "program.py",
             "state": "program_state.json",
@@ -118,12 +127,61 @@ def save_compiled(
             "state_sha256": file_sha256(out_dir / "program_state.json"),
         },
         "tasks": tasks,
+        "training": training,
         "generation": {"max_tokens": max_tokens},
         "versions": _versions(),
     }
+    if kb_dir is not None:
+        manifest["embedder"] = {"id": embedder_id, "model": embedder}
+        manifest["kb"] = _copy_kb(kb_dir, out_dir, kb_collection, embedder)
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    logger.info("Wrote compiled program to %s (base weights %s)", out_dir, "bundled" if bundle_base else "referenced")
+    if resolved is None:
+        weights = "remote"
+    else:
+        weights = "bundled" if bundle_base else "referenced"
+    logger.info(
+        "Wrote compiled %s program to %s (adapter %s, knowledge base %s, base weights %s)",
+        method, out_dir, "yes" if adapter_dir else "none", "yes" if kb_dir else "none", weights,
+    )
     return out_dir
+
+
+def _base_weights_record(out_dir: Path, resolved, bundle_base: bool) -> dict:
+    weights_folder = out_dir / BUNDLED_BASE if bundle_base else resolved.path
+    weights_sha256, weight_files = base_weights_sha256(weights_folder)
+    return {
+        "source": resolved.source,
+        "path": BUNDLED_BASE if bundle_base else None,
+        "sha256": weights_sha256,
+        "files": weight_files,
+    }
+
+
+def _copy_adapter(adapter_dir: str | Path, out_dir: Path) -> dict:
+    from nesycd.training.sft import adapter_sha256
+
+    shutil.copytree(adapter_dir, out_dir / "adapter")
+    return {
+        "path": "adapter",
+        "type": "lora",
+        "sha256": adapter_sha256(out_dir / "adapter"),
+        "config_sha256": file_sha256(out_dir / "adapter" / "adapter_config.json"),
+    }
+
+
+def _copy_kb(kb_dir: str | Path, out_dir: Path, kb_collection: str | None, embedder: str | None) -> dict:
+    if not kb_collection:
+        raise ArtifactError(f"A knowledge base was given ({kb_dir}) without its collection name. Pass kb_collection.")
+    shutil.copytree(kb_dir, out_dir / "kb")
+    entries = _read_qdrant_entries(out_dir / "kb", kb_collection, embedder)
+    _write_entries(out_dir / KB_ENTRIES, entries)
+    return {
+        "path": "kb",
+        "collection": kb_collection,
+        "entries_file": KB_ENTRIES,
+        "entries_sha256": file_sha256(out_dir / KB_ENTRIES),
+        "count": len(entries),
+    }
 
 
 @dataclass
@@ -131,7 +189,8 @@ class CompiledProgram:
     """A loaded compiled program; call it with a question (and a task when it has several).
 
     `lm` is the `dspy.LM` that the program's predictors use: the base model with the LoRA
-    adapter in-process, or the model passed to `load(model=...)`.
+    adapter in-process (or without one, for methods that do not fine-tune), or the model passed
+    to `load(model=...)`. For a task the program was not compiled on, pass `task_description`.
     """
 
     path: Path
@@ -139,11 +198,17 @@ class CompiledProgram:
     program: Any
     store: Any
     lm: Any = None
+    defaults: dict = field(default_factory=dict)  # the program file's DEFAULTS, e.g. the benchmarks to evaluate on
 
     @property
     def tasks(self) -> dict[str, str]:
         """Task name -> task description, for the tasks the program was compiled on."""
         return dict(self.manifest.get("tasks", {}))
+
+    @property
+    def method(self) -> str:
+        """The optimizer that built the program; folders older than format 3 were all built by NesyCD."""
+        return self.manifest.get("method") or "nesycd"
 
     def __call__(self, question: str, task: str | None = None, task_description: str | None = None):
         tasks = self.tasks
@@ -176,6 +241,7 @@ def load(
     model: str | None = None,
     api_base: str | None = None,
     verify_base: bool = True,
+    max_tokens: int | None = None,
 ) -> CompiledProgram:
     """Load a compiled folder written by `nesycd compile` and return a callable program.
 
@@ -186,6 +252,7 @@ def load(
             served by vLLM with `api_base`. Retrieval still uses the folder's knowledge base.
         api_base: base URL of the OpenAI-compatible server that serves `model`.
         verify_base: compare the base model's weight files with the sha256 in the manifest.
+        max_tokens: generation limit in tokens (default: the one the program was compiled with).
 
     Raises:
         ArtifactError: no manifest, a newer format, or a file whose sha256 differs from the manifest.
@@ -201,27 +268,38 @@ def load(
     program = spec.program
     state = json.loads((path / manifest["program"]["state"]).read_text())
     program.load_state(state)
-    max_tokens = manifest["generation"]["max_tokens"]
-    if model is None:
+    max_tokens = max_tokens or manifest["generation"]["max_tokens"]
+    # The teacher method's program runs the teacher model, so its calls are traced as the teacher's.
+    role = "teacher" if manifest.get("method") == "teacher" else "student"
+    if model is not None:
+        lm = make_lm(model, role=role, api_base=api_base, max_tokens=max_tokens)
+    elif manifest["adapter"] is None:
+        lm = make_lm(
+            base_model_name(path, manifest), role=role, api_base=manifest.get("model_api_base"), max_tokens=max_tokens
+        )
+    else:
         adapter_dir = path / manifest["adapter"]["path"]
         lm = make_lm(
             base_model_name(path, manifest),
-            role="student",
+            role=role,
             adapter=(f"compiled-{manifest['adapter']['sha256'][:12]}", str(adapter_dir)),
             max_tokens=max_tokens,
         )
-    else:
-        lm = make_lm(model, role="student", api_base=api_base, max_tokens=max_tokens)
     program.set_lm(lm)
 
     store = None
     retriever = make_retriever(manifest["retriever"])
     if manifest["retriever"].get("kind") != "none":
+        if manifest["kb"] is None:
+            raise ArtifactError(
+                f"{path / MANIFEST} sets retriever {manifest['retriever'].get('kind')!r} but records no knowledge "
+                "base. Copy the compiled folder again from the run folder."
+            )
         store = open_knowledge(path, manifest)
         retriever.bind(store)
     program.retriever = retriever
     attach_lm(program, lm)  # an adaptive retriever probes the student's confidence with this LM
-    return CompiledProgram(path=path, manifest=manifest, program=program, store=store, lm=lm)
+    return CompiledProgram(path=path, manifest=manifest, program=program, store=store, lm=lm, defaults=spec.defaults)
 
 
 def is_compiled(path: str | Path) -> bool:
@@ -260,6 +338,9 @@ def read_manifest(path: str | Path) -> tuple[Path, dict]:
             f"({FORMAT_VERSION}). Upgrade nesycd (pip install -U nesycd) to load it."
         )
     missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if version < 3:
+        # Only format 3 allows methods without an adapter or a knowledge base.
+        missing += [key for key in NULLABLE_KEYS if key in manifest and manifest[key] is None]
     if missing:
         raise ArtifactError(
             f"{manifest_path} lacks {', '.join(missing)}. Copy the compiled folder again from the run folder."
@@ -275,19 +356,21 @@ def verify(path: Path, manifest: dict, *, base: bool = True) -> None:
     """
     from nesycd.training.sft import adapter_sha256
 
-    adapter_dir = path / manifest["adapter"]["path"]
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise ArtifactError(
-            f"Adapter weights {adapter_dir / 'adapter_model.safetensors'} are missing. "
-            "Copy the compiled folder again from the run folder."
-        )
-    _check_hash(adapter_dir / "adapter_model.safetensors", manifest["adapter"]["sha256"], adapter_sha256(adapter_dir))
     checks = [
-        (adapter_dir / "adapter_config.json", manifest["adapter"].get("config_sha256")),
         (path / manifest["program"]["file"], manifest["program"].get("file_sha256")),
         (path / manifest["program"]["state"], manifest["program"].get("state_sha256")),
-        (path / manifest["kb"].get("entries_file", KB_ENTRIES), manifest["kb"].get("entries_sha256")),
     ]
+    if manifest["adapter"] is not None:
+        adapter_dir = path / manifest["adapter"]["path"]
+        if not (adapter_dir / "adapter_model.safetensors").is_file():
+            raise ArtifactError(
+                f"Adapter weights {adapter_dir / 'adapter_model.safetensors'} are missing. "
+                "Copy the compiled folder again from the run folder."
+            )
+        _check_hash(adapter_dir / "adapter_model.safetensors", manifest["adapter"]["sha256"], adapter_sha256(adapter_dir))
+        checks.append((adapter_dir / "adapter_config.json", manifest["adapter"].get("config_sha256")))
+    if manifest["kb"] is not None:
+        checks.append((path / manifest["kb"].get("entries_file", KB_ENTRIES), manifest["kb"].get("entries_sha256")))
     for file, expected in checks:
         if expected is not None:
             _check_hash(file, expected, file_sha256(file))
@@ -301,7 +384,12 @@ def verify_base_weights(path: Path, manifest: dict) -> None:
     Raises:
         ArtifactError: a weight file is missing, extra or changed, or the combined hash differs.
     """
+    from nesycd.lm import is_remote
+
     recorded = manifest.get("base_weights")
+    if not recorded and (manifest.get("model_api_base") or is_remote(manifest["base_model"])):
+        logger.debug("%s generates with the remote model %s; no weights to check", path, manifest["base_model"])
+        return
     if not recorded:
         logger.warning(
             "%s has format version %s without base weight hashes; the base model %s is not checked",

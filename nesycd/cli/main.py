@@ -46,6 +46,9 @@ def _setup_logging(verbose: bool) -> None:
 @app.command()
 def compile(
     program_file: Path = typer.Argument(..., help="Program file, e.g. programs/bbh.py."),
+    method: str = typer.Option(
+        "nesycd", help="Optimizer: nesycd, std_cot, step_by_step, answer_only, zero_shot or teacher."
+    ),
     data_dir: Optional[Path] = typer.Option(None, help="Folder holding the benchmark data (default: NESYCD_DATA_DIR)."),
     student: str = typer.Option("smollm2-135m", help="Student model: packaged id, local folder or Hugging Face id."),
     teacher: str = typer.Option("gemma3-270m", help="Teacher model: as --student, or a litellm string such as openai/<model>."),
@@ -60,9 +63,16 @@ def compile(
     learning_rate: float = typer.Option(1e-3, help="LoRA learning rate."),
     lora_rank: int = typer.Option(8, help="LoRA rank r (alpha is 2r)."),
     batch_size: int = typer.Option(8, help="Rows per optimizer step."),
-    weight_kb_cot: float = typer.Option(1.0, help="Loss weight of the knowledge + question -> rationale view."),
-    weight_cot: float = typer.Option(1.0, help="Loss weight of the question -> rationale view."),
-    weight_answer: float = typer.Option(1.0, help="Loss weight of the question -> answer view."),
+    weight_kb_cot: Optional[float] = typer.Option(
+        None, help="nesycd: loss weight of the knowledge + question -> rationale view (default 1)."
+    ),
+    weight_cot: Optional[float] = typer.Option(None, help="nesycd: loss weight of the question -> rationale view (default 1)."),
+    weight_answer: Optional[float] = typer.Option(
+        None, help="nesycd, step_by_step: loss weight of the question -> answer view (default 1 and 0.3)."
+    ),
+    weight_rationale: Optional[float] = typer.Option(
+        None, help="step_by_step: loss weight of the rationale task (default 0.7)."
+    ),
     retriever: Optional[str] = typer.Option(None, help="Retriever kind: dense, bm25, hybrid, adaptive or none (default: the program's)."),
     k: Optional[int] = typer.Option(None, help="Entries retrieved per question (default: the program's)."),
     insert: Optional[int] = typer.Option(None, help="Retrieved entries inserted into the prompt (default: the program's)."),
@@ -70,15 +80,20 @@ def compile(
     threads: int = typer.Option(8, help="Concurrent requests (batched by the in-process LM)."),
     max_tokens: int = typer.Option(160, help="Student generation limit, in tokens."),
     teacher_max_tokens: int = typer.Option(192, help="Teacher generation limit, in tokens."),
-    baselines: bool = typer.Option(True, help="Also evaluate the base and Std-CoT students."),
+    teacher_timeout_s: float = typer.Option(
+        120.0, help="Seconds before a request to a server teacher times out; timeouts, 429 and 5xx are retried 3 times."
+    ),
+    baselines: bool = typer.Option(True, help="nesycd: also evaluate the base and Std-CoT students on the test split."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ):
-    """Run the NesyCD optimizer on a program file and write runs/<program>/<run-id>/compiled/."""
+    """Run an optimizer (NesyCD by default) on a program file and write runs/<program>/<run-id>/compiled/."""
     _setup_logging(verbose)
     from nesycd.compile import CompileOptions, run_compile
 
+    given_weights = {"kb_cot": weight_kb_cot, "cot": weight_cot, "answer": weight_answer, "rationale": weight_rationale}
     options = CompileOptions(
         program_file=program_file,
+        method=method,
         data_dir=data_dir,
         student=student,
         teacher=teacher,
@@ -93,7 +108,7 @@ def compile(
         learning_rate=learning_rate,
         lora_rank=lora_rank,
         batch_size=batch_size,
-        view_weights={"kb_cot": weight_kb_cot, "cot": weight_cot, "answer": weight_answer},
+        view_weights={view: weight for view, weight in given_weights.items() if weight is not None},
         retriever=retriever,
         k=k,
         insert=insert,
@@ -101,6 +116,7 @@ def compile(
         threads=threads,
         max_tokens=max_tokens,
         teacher_max_tokens=teacher_max_tokens,
+        teacher_timeout_s=teacher_timeout_s,
         baselines=baselines,
         command=" ".join(["nesycd", *sys.argv[1:]]),
     )
@@ -139,33 +155,13 @@ def run(
         typer.echo("Knowledge used: none")
 
 
-@app.command()
-def traces(
-    run: Path = typer.Argument(..., help="A run folder or its traces.duckdb file."),
-    sql: Optional[str] = typer.Argument(None, help="SQL to run; without it, a summary of the run's stages."),
-    as_json: bool = typer.Option(False, "--json", help="Print rows as JSON objects."),
-):
-    """Query a run's DuckDB traces, e.g. nesycd traces runs/bbh/RUN "select role, count(*) from lm_calls group by 1"."""
-    from nesycd.tracing import format_table, query_file
-
-    path = run / "traces.duckdb" if run.is_dir() else run
-    if sql is None:
-        sql = (
-            "select name, status, round(seconds, 1) as seconds, counts from stages "
-            "order by started_at"
-        )
-    columns, rows = query_file(path, sql)
-    if as_json:
-        typer.echo(json.dumps([dict(zip(columns, row)) for row in rows], default=str, indent=1))
-    else:
-        typer.echo(format_table(columns, rows))
-
-
 def _register_command_groups() -> None:
-    from nesycd.cli import deploy, kb
+    from nesycd.cli import deploy, evaluate, kb, traces
 
     kb.register(app)
     deploy.register(app)
+    traces.register(app)
+    evaluate.register(app)
 
 
 _register_command_groups()
