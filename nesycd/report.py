@@ -209,8 +209,10 @@ def plot_training_size(results: list[RunResults], path: Path) -> bool:
                 if value is not None:
                     panel.axhline(100 * value, color=colors[method], linestyle="--", label=method)
                 continue
+            # A small sideways shift per method keeps methods with the same size and accuracy visible.
+            shift = (methods.index(method) - (len(methods) - 1) / 2) * 0.012 * max(sizes)
             points = sorted(
-                (run.training_examples, run.domain_average(in_domain)) for run in runs
+                (run.training_examples + shift, run.domain_average(in_domain)) for run in runs
                 if run.domain_average(in_domain) is not None
             )
             if points:
