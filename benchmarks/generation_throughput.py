@@ -12,7 +12,7 @@ Every mode generates greedily for the same zero-shot BBH prompts (the exact text
 - raw generate, batch 1 (unless --no-raw-sequential): one `model.generate` per prompt.
 
 Tokens are the generated tokens of each request up to the end of text or the stop string,
-summed over requests; padding after a finished row is not counted. The script also checks
+summed over requests. Padding after a finished row is not counted. The script also checks
 that the nesycd modes return the same texts as raw generation.
 """
 
@@ -64,7 +64,7 @@ class ModeResult:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=os.environ.get("NESYCD_DATA_DIR"),
-                        help="Folder that holds bbh/ (default: NESYCD_DATA_DIR).")
+                        help="Folder that contains bbh/ (default: NESYCD_DATA_DIR).")
     parser.add_argument("--model", default="smollm2-135m", help="Model name or folder, as for `--student`.")
     parser.add_argument("--tasks", default=DEFAULT_TASKS, help="Comma-separated BBH tasks the prompts come from.")
     parser.add_argument("--prompts", type=int, default=16, help="Number of prompts (a multiple of 8 keeps batches full).")
@@ -78,7 +78,7 @@ def main() -> None:
     # DSPy warns on every response cut at max_tokens, which is most responses here.
     logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)
     if args.data_dir is None:
-        sys.exit("Pass --data-dir (the folder that holds bbh/) or set NESYCD_DATA_DIR.")
+        sys.exit("Pass --data-dir (the folder that contains bbh/) or set NESYCD_DATA_DIR.")
 
     import dspy
     import torch

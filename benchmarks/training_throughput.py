@@ -18,8 +18,8 @@ one after the other, so that each one's peak RSS is its own:
    shows how much of the time padding costs.
 
 Trained tokens are the non-padding tokens of the batches (prompt and completion), summed over
-steps; both processes train on the same tokens, so the ratio of tokens/s is the inverse ratio
-of train time. The script also prints how much of each batch is padding, and what share
+steps. All runs train on the same tokens, so the ratio of tokens/s is the inverse ratio of
+train time. The script also prints how much of each batch is padding, and what share
 random batches or one batch padded to the longest row would pad.
 """
 
@@ -64,7 +64,7 @@ KNOWLEDGE = (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=os.environ.get("NESYCD_DATA_DIR"),
-                        help="Folder that holds bbh/ (default: NESYCD_DATA_DIR).")
+                        help="Folder that contains bbh/ (default: NESYCD_DATA_DIR).")
     parser.add_argument("--model", default="smollm2-135m", help="Base model name or folder.")
     parser.add_argument("--tasks", default=DEFAULT_TASKS, help="Comma-separated BBH tasks whose exemplars become rows.")
     parser.add_argument("--rows", type=int, default=32, help="Number of training rows.")
@@ -96,7 +96,7 @@ def main() -> None:
         run_plain_worker(args, sort_rows=args.worker == "sorted")
         return
     if args.data_dir is None:
-        sys.exit("Pass --data-dir (the folder that holds bbh/) or set NESYCD_DATA_DIR.")
+        sys.exit("Pass --data-dir (the folder that contains bbh/) or set NESYCD_DATA_DIR.")
 
     with tempfile.TemporaryDirectory(prefix="nesycd-train-bench-") as folder:
         workdir = Path(folder)
@@ -134,7 +134,7 @@ def build_rows(data_dir: Path, tasks: list[str], count: int) -> list[dict]:
                 )
                 rows.append({**row, "view": view})
     if len(rows) < count:
-        raise SystemExit(f"The tasks {tasks} give only {len(rows)} rows; pass more --tasks or fewer --rows.")
+        raise SystemExit(f"The tasks {tasks} give only {len(rows)} rows. Pass more --tasks or fewer --rows.")
     return random.Random(0).sample(rows, count)
 
 
@@ -332,6 +332,7 @@ def print_report(args: argparse.Namespace, sft: dict, plain: dict | None, ordere
     real_tokens = sum(sum(row) for row in sft["row_tokens"])
     padded_tokens = sum(rows * width for rows, width in shapes)
     lengths = [tokens for batch in sft["row_tokens"] for tokens in batch]
+
     print(
         f"{len(lengths)} rows per epoch x {args.epochs:g} epochs, batch size {args.batch_size}, rows of "
         f"{min(lengths)}-{max(lengths)} tokens; bf16 autocast: {sft['bf16']}; gradient checkpointing: "
@@ -344,6 +345,7 @@ def print_report(args: argparse.Namespace, sft: dict, plain: dict | None, ordere
         "CPU seconds | vs plain loop (wall / CPU) | loss first -> last | peak RSS (MiB) |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+
     runs = [("nesycd SFT (trainer.train)", sft)]
     runs += [("plain PyTorch loop, same batches", plain)] if plain else []
     runs += [("plain PyTorch loop, length-sorted batches", ordered)] if ordered else []
@@ -360,9 +362,11 @@ def print_report(args: argparse.Namespace, sft: dict, plain: dict | None, ordere
             f"{real_tokens / run['train_seconds']:.1f} | {run['train_cpu_seconds']:.1f} | {ratio} | "
             f"{run['loss_first']:.3f} -> {run['loss_last']:.3f} | {run['peak_rss_mib']:.0f} |"
         )
+
     print()
     print(f"train_lora wall time including model load and adapter save: {sft['train_lora_seconds']:.1f} s "
           f"({sft['sft_module']})")
+
     print()
     print("Padding (share of batch positions that are padding):")
     print(f"- the batches nesycd's SFT trained on (each padded to its longest row): {1 - real_tokens / padded_tokens:.1%} "

@@ -206,7 +206,7 @@ class LocalModel:
                 try:
                     self._continuous = self._supports_continuous_batching()
                 except Exception:  # the fixed-batch path serves the requests and reports their errors
-                    logger.exception("Checking %s for continuous batching failed; serving fixed batches", self.name)
+                    logger.exception("Checking %s for continuous batching failed, so requests are served in fixed batches", self.name)
                     self._continuous = False
         if self._continuous:
             self._serve_continuous()
@@ -397,7 +397,7 @@ class LocalModel:
             batch.clear()
 
     def _append_token(self, row: "_Row", token: int) -> bool:
-        """Add a generated token to the row; when the row is done, set its result and return True."""
+        """Add a generated token to the row. When the row is done, set its result and return True."""
         item = row.item
         hit_eos = token in self._eos_ids
         if not hit_eos:
