@@ -231,11 +231,11 @@ class StepByStep(_Baseline):
         adapter_dir = self._fine_tune(self.stage_name, rows)
         return _answer_view(self._student_program(student, adapter=(self.name, adapter_dir), kb=None))
 
-    def _train(self, stage_name, adapter_name, rows, epochs):
-        # NOTE: NesyCD._train applies config.view_weights only to a stage named "sft_kb". So this method's
-        # weighted fine-tuning passes that name here, and its recorded stage keeps its own name.
-        weighted_stage = "sft_kb" if stage_name == self.stage_name else stage_name
-        return super()._train(weighted_stage, adapter_name, rows, epochs)
+    def _loss_weights(self, stage_name: str) -> dict[str, float]:
+        # The rationale and answer tasks of this method's fine-tuning get config.view_weights.
+        if stage_name == self.stage_name:
+            return dict(self.config.view_weights)
+        return super()._loss_weights(stage_name)
 
 
 def _answer_row(example) -> dict:

@@ -539,8 +539,8 @@ class NesyCD(Teleprompter):
     def _reuse(self, stage_name: str, fingerprint: str, load: Callable[[], Any]) -> Any:
         """Return the outputs of an earlier succeeded attempt of this stage, or _MISSING to run it.
 
-        The stage is reused when the traces hold a succeeded attempt with the same fingerprint and
-        `load()` can read its files; the reuse is recorded as a stage row with status 'reused'.
+        The stage is reused when the traces contain a succeeded attempt with the same fingerprint and
+        `load()` can read its files. The reuse is recorded as a stage row with status 'reused'.
         """
         found = self.store.find_stage(stage_name, fingerprint)
         if found is None:
@@ -591,6 +591,10 @@ class NesyCD(Teleprompter):
 
     # Helpers ---------------------------------------------------------------------------------
 
+    def _loss_weights(self, stage_name: str) -> dict[str, float]:
+        """Return the per-view loss weights of the fine-tuning in `stage_name`; only sft_kb weights its views."""
+        return dict(self.config.view_weights) if stage_name == "sft_kb" else {}
+
     def _train(self, stage_name: str, adapter_name: str, rows: list[dict], epochs: float | None) -> Path:
         from nesycd.lm import resolve_model
         from nesycd.training.sft import train_lora
@@ -599,7 +603,7 @@ class NesyCD(Teleprompter):
         if epochs is not None:
             lora = LoraTrainingConfig(**{**asdict(lora), "epochs": epochs})
         base = resolve_model(self.config.student)
-        weights = self.config.view_weights if stage_name == "sft_kb" else {}
+        weights = self._loss_weights(stage_name)
         job_id = uuid.uuid4().hex
         try:
             result = train_lora(base.path, rows, self.run_dir / "adapters" / adapter_name, config=lora, view_weights=weights)
