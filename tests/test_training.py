@@ -66,3 +66,43 @@ def test_row_without_completion_rejected(tiny_student, tmp_path):
 def test_negative_weight_rejected(tiny_student, tmp_path):
     with pytest.raises(TrainingError, match="-1"):
         train_lora(tiny_student, ROWS, tmp_path / "job", view_weights={"cot": -1.0})
+
+
+def test_loss_on_completion_positions_equals_trl_loss(tiny_student, tmp_path, caplog, monkeypatch):
+    """The trainer's own loss and TRL's loss (its fallback) agree on the same batch."""
+    from nesycd.training.sft import _weighted_trainer_class
+
+    # float32: TRL runs its head in float32, while bf16 autocast would round the trainer's logits.
+    config = LoraTrainingConfig(epochs=1, batch_size=8, learning_rate=1e-9, bf16=False)
+    weights = {"cot": 0.25, "answer": 1.0}
+    with caplog.at_level("INFO", logger="nesycd.training.sft"):
+        own = train_lora(tiny_student, ROWS, tmp_path / "own", config=config, view_weights=weights)
+        assert "does not reproduce" not in caplog.text
+        # A head that scales the logits, as some architectures do in their forward, fails the
+        # trainer's check, and the job falls back to TRL's loss on the very same weights.
+        trainer_class = _weighted_trainer_class()
+        own_head = trainer_class._output_head
+        monkeypatch.setattr(trainer_class, "_output_head", lambda self, model: lambda h: 2 * own_head(self, model)(h))
+        fallback = train_lora(tiny_student, ROWS, tmp_path / "fallback", config=config, view_weights=weights)
+        assert "does not reproduce" in caplog.text
+    assert own.loss_curve[0]["loss"] == pytest.approx(fallback.loss_curve[0]["loss"], rel=1e-5)
+
+
+def test_length_sorted_sampler():
+    from nesycd.training.sft import _LengthSortedSampler
+
+    lengths = [5, 40, 12, 33, 7, 21, 40, 3, 18, 26]
+    sampler = _LengthSortedSampler(lengths, batch_size=3, seed=7)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(len(lengths)))
+        assert order == list(sampler)  # the same epoch gives the same order (resuming relies on it)
+        batches = [order[start : start + 3] for start in range(0, len(order), 3)]
+        assert {lengths[index] for index in batches[0]} == {40, 33}  # the longest rows come first
+        spans = sorted(lengths, reverse=True)
+        expected = [sorted(spans[start : start + 3]) for start in range(0, len(spans), 3)]
+        assert sorted(sorted(lengths[index] for index in batch) for batch in batches) == sorted(expected)
+        orders.append(order)
+    assert len({tuple(order) for order in orders}) > 1

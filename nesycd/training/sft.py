@@ -142,8 +142,8 @@ def train_lora(
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=config.gradient_checkpointing,
         completion_only_loss=True,
-        # Batches of similar lengths waste less compute on padding than random batches.
-        train_sampling_strategy="group_by_length",
+        # Every LoRA parameter takes part in every step, so DDP need not search for unused ones.
+        ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
@@ -168,25 +168,31 @@ def train_lora(
         raise TrainingError(f"LoRA training on {len(rows)} rows from {base_model} failed: {error}") from error
 
     adapter_dir = output_dir / "adapter"
-    trainer.model.save_pretrained(adapter_dir)
     loss_curve = [
         {"step": entry["step"], "loss": entry["loss"]} for entry in trainer.state.log_history if "loss" in entry
     ]
-    (output_dir / "loss_curve.json").write_text(json.dumps(loss_curve, indent=1))
-    (output_dir / "training_config.json").write_text(
-        json.dumps({"base_model": str(base_model), "config": asdict(config), "view_weights": view_weights}, indent=1)
-    )
+    # Under `accelerate launch` every process has the same weights, so the main one writes them and the others wait.
+    if trainer.accelerator.is_main_process:
+        trainer.model.save_pretrained(adapter_dir)
+        (output_dir / "loss_curve.json").write_text(json.dumps(loss_curve, indent=1))
+        (output_dir / "training_config.json").write_text(
+            json.dumps({"base_model": str(base_model), "config": asdict(config), "view_weights": view_weights}, indent=1)
+        )
+    trainer.accelerator.wait_for_everyone()
     rows_by_view: dict[str, int] = {}
     for row in rows:
         rows_by_view[row["view"]] = rows_by_view.get(row["view"], 0) + 1
     seconds = time.perf_counter() - started
     logger.info("Trained LoRA on %d rows in %.1f s; adapter in %s", len(rows), seconds, adapter_dir)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    digest = adapter_sha256(adapter_dir)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     del trainer, model
     return TrainingResult(
         adapter_dir=adapter_dir,
-        adapter_sha256=adapter_sha256(adapter_dir),
+        adapter_sha256=digest,
         n_rows=len(rows),
         rows_by_view=rows_by_view,
         loss_curve=loss_curve,
@@ -278,11 +284,50 @@ class _WeightedCollator:
         return batch
 
 
+class _LengthSortedSampler:
+    """Sampler that puts rows of similar length into each batch, in a new order every epoch.
+
+    Each epoch shuffles the rows with `seed + epoch`, sorts them by length (longest first; the sort
+    is stable, so rows of equal length keep the shuffled order) and cuts them into batches. The
+    batch of the longest rows comes first, so a row too long for memory fails at the first step.
+    The other full batches follow in shuffled order, and a short batch of the shortest rows comes
+    last. Sorting removes most of the padding that random batches spend compute on. transformers'
+    `group_by_length` sorts only within groups of up to 50 batches, and groups nothing below 4
+    batches per group.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        order.sort(key=lambda index: -self.lengths[index])
+        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        # The data loader cuts this stream into batches again, so a short last batch must stay last.
+        short = batches[-1:] if len(batches) > 1 and len(batches[-1]) < self.batch_size else []
+        middle = batches[1 : len(batches) - len(short)]
+        middle = [middle[index] for index in torch.randperm(len(middle), generator=generator).tolist()]
+        for batch in batches[:1] + middle + short:
+            yield from batch
+
+
 _TRAINER_CLASS = None
 
 
 def _weighted_trainer_class():
-    """Build (once) an SFTTrainer subclass whose loss multiplies each row's tokens by its weight."""
+    """Build (once) an SFTTrainer subclass with a completion-only, per-row weighted loss and length-sorted batches."""
     global _TRAINER_CLASS
     if _TRAINER_CLASS is not None:
         return _TRAINER_CLASS
@@ -296,8 +341,76 @@ def _weighted_trainer_class():
             if "loss_weight" not in self._signature_columns:
                 self._signature_columns = [*self._signature_columns, "loss_weight"]
 
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            limit = self.args.max_length or float("inf")
+            lengths = [min(len(ids), limit) for ids in dataset["input_ids"]]
+            return _LengthSortedSampler(lengths, self.args.train_batch_size, self.args.seed)
+
+        # Whether the LM head applied to the final hidden states reproduces the model's logits. Some
+        # architectures scale or cap their logits in the forward, so the first batch checks it.
+        _head_matches: bool | None = None
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """Compute the weighted cross-entropy over completion tokens, running the LM head on those positions only.
+
+            TRL's own loss runs the LM head in float32 on every position, prompt and padding
+            included, when no Triton kernel is available (CPUs). Here the model returns its final
+            hidden states, and the head runs on the positions whose next token is a completion
+            token. Each token's loss is multiplied by its row's weight; the sum is divided by the
+            number of completion tokens, as TRL does. A model whose logits the head alone does not
+            reproduce gets TRL's loss with the same weighting.
+            """
             weights = inputs.pop("loss_weight", None)
+            if return_outputs or self._head_matches is False:
+                return self._fused_loss(model, inputs, weights, return_outputs, num_items_in_batch)
+            labels = inputs.pop("labels")
+            outputs = model(**{**inputs, "use_cache": False}, output_hidden_states=True, logits_to_keep=1)
+            hidden = outputs.hidden_states[-1]
+            head = self._output_head(model)
+            if self._head_matches is None:
+                with torch.no_grad():
+                    expected = outputs.logits[:, -1].float()
+                    difference = (head(hidden[:, -1]).float() - expected).abs().max()
+                    # bf16 autocast rounds the two products differently, by up to about 0.4% of the largest logit.
+                    self._head_matches = bool(difference <= 1e-2 * expected.abs().max().clamp(min=1.0))
+                if not self._head_matches:
+                    logger.info("The LM head alone does not reproduce the model's logits; training with TRL's loss")
+                    return self._fused_loss(model, {**inputs, "labels": labels}, weights, False, num_items_in_batch)
+
+            targets = labels[:, 1:]
+            mask = targets != -100
+            logits = head(hidden[:, :-1][mask]).float()
+            per_token_loss = torch.nn.functional.cross_entropy(logits, targets[mask], reduction="none")
+            if weights is not None:
+                per_token_loss = per_token_loss * weights.to(per_token_loss.dtype)[:, None].expand_as(targets)[mask]
+            num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+            # `num_items_in_batch` counts the tokens of every process, and DDP averages the gradients.
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            self._log_batch(model, inputs, mask, logits.detach().argmax(dim=-1) == targets[mask])
+            return loss
+
+        def _output_head(self, model):
+            base = self.accelerator.unwrap_model(model)
+            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            linear = base.get_output_embeddings()
+            softcap = getattr(base.config, "final_logit_softcapping", None)
+            if not softcap:
+                return linear
+            return lambda hidden: torch.tanh(linear(hidden) / softcap) * softcap
+
+        def _log_batch(self, model, inputs, mask, correct) -> None:
+            mode = "train" if model.training else "eval"
+            valid = self.accelerator.gather_for_metrics(mask.sum()).sum()
+            right = self.accelerator.gather_for_metrics(correct.sum()).sum()
+            self._metrics[mode]["mean_token_accuracy"].append((right / valid).item() if valid > 0 else 0.0)
+            if mode == "train":
+                self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+                self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+        def _fused_loss(self, model, inputs, weights, return_outputs, num_items_in_batch):
             if weights is None or bool(torch.all(weights == 1.0)):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs["use_cache"] = False
@@ -305,6 +418,8 @@ def _weighted_trainer_class():
             per_token_loss = -outputs.log_probs * weights.to(outputs.log_probs.dtype)[:, None]
             num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
             loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
 
     _TRAINER_CLASS = WeightedSFTTrainer
