@@ -109,6 +109,8 @@ def main() -> None:
         print("WARNING: the prompts nesycd generated for differ from the raw prompts.")
     print_table(results, args.threads)
     print(f"Load average after: {load_average()}")
+    # Stops the model's worker thread, which would otherwise still run while the interpreter exits.
+    LocalModel.unload_all()
 
 
 def load_examples(data_dir: Path, tasks: list[str], count: int) -> list:

@@ -226,3 +226,46 @@ def test_decode_error_reaches_caller(sharp_lm, monkeypatch):
         sharp_lm.generate(PROMPTS[0], max_new_tokens=6)
     recovered = sharp_lm.generate(PROMPTS[0], max_new_tokens=6)
     assert recovered.completion_tokens == 6
+
+
+def test_growing_cache_layer_equals_concatenation():
+    """The decode loop's cache layer returns what DynamicLayer's concatenation returns, through reallocations."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from nesycd.lm.local import _growing_layer_class
+
+    torch.manual_seed(0)
+    plain, growing = DynamicLayer(), DynamicLayer()
+    prompt = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    plain.update(*prompt)
+    growing.update(*prompt)
+    growing.__class__ = _growing_layer_class()
+    for step in range(150):
+        if step == 70:  # a row leaves: the batch replaces the tensors, as _DecodeBatch.remove does
+            for layer in (plain, growing):
+                layer.keys, layer.values = layer.keys[1:], layer.values[1:]
+        new = torch.randn(plain.keys.shape[0], 3, 1, 4), torch.randn(plain.keys.shape[0], 3, 1, 4)
+        expected = plain.update(*new)
+        actual = growing.update(*new)
+        assert all(torch.equal(a, e) for a, e in zip(actual, expected)), step
+    assert growing.get_seq_length() == plain.get_seq_length() == 155
+
+
+def test_long_generations_equal_plain_generate(sharp_lm):
+    """Generations longer than the cache's spare room, with rows joining and leaving, match `generate`."""
+    import time
+
+    limits = [150, 90, 130, 40]
+
+    def delayed(index: int):
+        time.sleep(0.02 * index)
+        return sharp_lm.generate(PROMPTS[index], max_new_tokens=limits[index])
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        results = list(pool.map(delayed, range(len(PROMPTS))))
+    assert max(result.completion_tokens for result in results) > 100
+    for prompt, limit, result in zip(PROMPTS, limits, results):
+        text, tokens = _generate_alone(sharp_lm, prompt, limit)
+        assert result.text == text, prompt
+        assert result.completion_tokens == tokens, prompt

@@ -528,6 +528,9 @@ class _DecodeBatch:
         from torch.nn.functional import pad
 
         row_mask = torch.ones((1, prompt_tokens), dtype=torch.long)
+        growing = _growing_layer_class()
+        for layer in row_cache.layers:
+            layer.__class__ = growing
         if self.cache is None:
             self.cache, self.mask, self.cache_field = row_cache, row_mask, cache_field
             self.rows.append(row)
@@ -579,6 +582,58 @@ class _DecodeBatch:
         for layer in self.cache.layers:
             layer.keys = layer.keys[selected, :, first_real:]
             layer.values = layer.values[selected, :, first_real:]
+
+
+_GROWING_LAYER = None
+
+
+def _growing_layer_class():
+    """Return (built once) a DynamicLayer that appends new tokens into spare room instead of concatenating.
+
+    transformers' DynamicLayer concatenates the whole cache with each new token, so one decoding
+    step of a batch copies every row's keys and values of every layer. At 8 rows of about 400
+    tokens that copy took 29% of the step on a 2-core x86 CPU. This layer keeps the cache in a buffer with room
+    for more tokens, writes each new token in place, and returns views of the filled part. It
+    reallocates when the room runs out or when the batch replaced the tensors (a row joined or
+    left).
+    """
+    global _GROWING_LAYER
+    if _GROWING_LAYER is not None:
+        return _GROWING_LAYER
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        _views: tuple | None = None
+        _buffers: tuple | None = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized or self.keys.numel() == 0:
+                return super().update(key_states, value_states, *args, **kwargs)
+            used, added = self.keys.shape[-2], key_states.shape[-2]
+            if (
+                self._views is None
+                or self._views[0] is not self.keys
+                or self._views[1] is not self.values
+                or used + added > self._buffers[0].shape[-2]
+            ):
+                room = used + added + max(64, used // 4)
+                buffers = []
+                for cached in (self.keys, self.values):
+                    batch, heads, _, dim = cached.shape
+                    buffer = torch.empty((batch, heads, room, dim), dtype=cached.dtype, device=cached.device)
+                    buffer[:, :, :used] = cached
+                    buffers.append(buffer)
+                self._buffers = tuple(buffers)
+            self._buffers[0][:, :, used : used + added] = key_states
+            self._buffers[1][:, :, used : used + added] = value_states
+            self.keys = self._buffers[0][:, :, : used + added]
+            self.values = self._buffers[1][:, :, : used + added]
+            self._views = (self.keys, self.values)
+            return self.keys, self.values
+
+    _GROWING_LAYER = GrowingLayer
+    return GrowingLayer
 
 
 def _strip_after_eos(ids: list[int], eos_id: int | None, pad_id: int | None) -> list[int]:
