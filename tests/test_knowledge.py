@@ -341,3 +341,66 @@ def test_package_import_is_light():
         check=True,
     )
     assert result.stdout.strip() == "[]"
+
+
+def _linked_copy(source: Path, target: Path) -> Path:
+    """A folder of symlinks to a sentence-transformers model, whose config files the test can rewrite."""
+    for path in source.rglob("*"):
+        if path.is_file():
+            link = target / path.relative_to(source)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path)
+    return target
+
+
+def _rewrite_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    path.unlink()
+    path.write_text(json.dumps({**data, **changes}) if isinstance(data, dict) else json.dumps(changes["value"]))
+
+
+def test_embedder_dimension_without_loading_the_model():
+    embedder = Embedder()
+    assert embedder.dimension == 384
+    assert embedder._model is None
+    assert len(embedder.embed(["one text"])[0]) == 384
+
+
+def test_embedder_dimension_follows_the_pooling_config(tmp_path):
+    from nesycd.knowledge.embedder import _packaged_model_path
+
+    folder = _linked_copy(_packaged_model_path(), tmp_path / "model")
+    _rewrite_json(folder / "1_Pooling" / "config.json", pooling_mode_max_tokens=True)
+    embedder = Embedder(str(folder))
+    assert embedder.dimension == 768  # mean and max pooling, concatenated
+    assert embedder._model is None
+    assert len(embedder.embed(["one text"])[0]) == 768
+
+
+def test_embedder_dimension_disagreeing_with_the_model_is_caught(monkeypatch):
+    from nesycd.knowledge import embedder as embedder_module
+
+    monkeypatch.setattr(embedder_module, "declared_dimension", lambda folder: 512)
+    embedder = Embedder()
+    assert embedder.dimension == 512
+    with pytest.raises(KnowledgeBaseError, match="produces 384-dimensional vectors.*declare 512"):
+        embedder.embed(["one text"])
+
+
+def test_embedder_dimension_of_unknown_modules_loads_the_model(tmp_path, monkeypatch):
+    from nesycd.knowledge import embedder as embedder_module
+    from nesycd.knowledge.embedder import _packaged_model_path, declared_dimension
+
+    folder = _linked_copy(_packaged_model_path(), tmp_path / "model")
+    assert declared_dimension(folder) == 384
+    modules = json.loads((folder / "modules.json").read_text())
+    _rewrite_json(folder / "modules.json", value=modules[:2] + [{**modules[2], "type": "custom.Projection"}])
+    assert declared_dimension(folder) is None
+    _rewrite_json(folder / "modules.json", value=modules)
+    (folder / "1_Pooling" / "config.json").unlink()
+    assert declared_dimension(folder) is None
+
+    monkeypatch.setattr(embedder_module, "declared_dimension", lambda folder: None)
+    embedder = Embedder()
+    assert embedder.dimension == 384
+    assert embedder._model is not None

