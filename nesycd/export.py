@@ -52,6 +52,11 @@ def export_merged(
     from nesycd.serve import default_compiled_name
 
     compiled_dir, manifest = read_manifest(path)
+    if manifest.get("adapter") is None:
+        raise ArtifactError(
+            f"{compiled_dir} contains no LoRA adapter (method {manifest.get('method') or 'nesycd'!r}), so there is nothing "
+            f"to merge. Serve its base model {manifest['base_model']!r} directly (for example `vllm serve` on its folder)."
+        )
     verify(compiled_dir, manifest, base=verify_base)
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, compiled_dir, overwrite)
@@ -117,10 +122,12 @@ def _check_template(tokenizer, original: str | None) -> None:
             logger.warning("The exported chat template renders multi-message chats differently from the original")
 
 
-def _export_knowledge(compiled_dir: Path, manifest: dict, out_dir: Path) -> int:
-    """Copy kb/ and write one JSON line per entry; return the entry count."""
+def _export_knowledge(compiled_dir: Path, manifest: dict, out_dir: Path) -> int | None:
+    """Copy kb/ and write one JSON line per entry; return the entry count, or None without a KB."""
     from nesycd.artifact import read_entries
 
+    if manifest.get("kb") is None:
+        return None
     kb_dir = compiled_dir / manifest["kb"]["path"]
     if not kb_dir.is_dir():
         raise ArtifactError(f"Knowledge base folder {kb_dir} is missing. Copy the compiled folder again from the run folder.")
@@ -145,8 +152,14 @@ def _read_qdrant_copy(kb_copy: Path, manifest: dict) -> list:
         return store.entries()
 
 
-def _readme(out_dir: Path, compiled_dir: Path, name: str, manifest: dict, entries: int) -> str:
+def _readme(out_dir: Path, compiled_dir: Path, name: str, manifest: dict, entries: int | None) -> str:
     compiled = compiled_dir.resolve()
+    kb_rows = (
+        "| (no knowledge base) | the method that built this program uses none |\n"
+        if entries is None
+        else f"| `kb/` | copy of the Qdrant knowledge base (local mode folder) |\n"
+        f"| `{ENTRIES_FILE}` | the {entries} knowledge entries, one JSON object per line |\n"
+    )
     return f"""# {name}: merged weights for OpenAI-compatible servers
 
 Written by `nesycd export` from `{compiled}` (base model `{manifest['base_model']}`, LoRA adapter
@@ -157,9 +170,7 @@ server that loads Hugging Face models serves the distilled student without PEFT.
 |---|---|
 | `model.safetensors`, `config.json` | merged weights (float32) |
 | tokenizer files | the base tokenizer; its chat template passes a lone user message through verbatim |
-| `kb/` | copy of the Qdrant knowledge base (local mode folder) |
-| `{ENTRIES_FILE}` | the {entries} knowledge entries, one JSON object per line |
-| `nesycd_manifest.json` | the manifest of the compiled program |
+{kb_rows}| `nesycd_manifest.json` | the manifest of the compiled program |
 
 ## Serve with vLLM
 

@@ -156,3 +156,31 @@ def test_cli_export(compiled_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (out / "model.safetensors").is_file()
     assert "vllm serve" in result.stdout
+
+
+def _compile_method(method: str, root: Path, data_dir: Path, student: Path, teacher: Path) -> Path:
+    options = CompileOptions(
+        program_file=REPO / "programs" / "bbh.py", data_dir=data_dir, student=str(student), teacher=str(teacher),
+        tasks=["boolean_expressions"], train_per_task=4, test_per_task=1, runs_dir=root, run_id=method, epochs=1,
+        batch_size=4, threads=4, max_tokens=8, teacher_max_tokens=24, baselines=False, show_progress=False,
+        method=method,
+    )
+    return run_compile(options).compiled_dir
+
+
+def test_export_without_knowledge_base(tmp_path, boolean_data_dir, tiny_student, tiny_teacher):
+    compiled = _compile_method("std_cot", tmp_path / "runs", boolean_data_dir, tiny_student, tiny_teacher)
+    out = export_merged(compiled, tmp_path / "merged")
+    assert (out / "model.safetensors").is_file()
+    assert not (out / "kb").exists() and not (out / ENTRIES_FILE).exists()
+    assert json.loads((out / "nesycd_export.json").read_text())["kb_entries"] is None
+    assert "(no knowledge base)" in (out / "README.md").read_text()
+
+
+def test_export_without_adapter_says_nothing_to_merge(tmp_path, boolean_data_dir, tiny_student, tiny_teacher):
+    from nesycd.errors import ArtifactError
+
+    compiled = _compile_method("zero_shot", tmp_path / "runs", boolean_data_dir, tiny_student, tiny_teacher)
+    with pytest.raises(ArtifactError, match="no LoRA adapter .*'zero_shot'.*nothing to merge"):
+        export_merged(compiled, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
