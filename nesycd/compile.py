@@ -23,6 +23,8 @@ class CompileOptions:
     student: str = "smollm2-135m"
     teacher: str = "gemma3-270m"
     teacher_api_base: str | None = None
+    student_api_base: str | None = None
+    student_served_model: str | None = None
     tasks: list[str] | None = None
     train_per_task: int | None = None
     test_per_task: int | None = None
@@ -102,6 +104,8 @@ def run_compile(options: CompileOptions) -> CompileSummary:
         student=options.student,
         teacher=options.teacher,
         teacher_api_base=options.teacher_api_base,
+        student_api_base=options.student_api_base,
+        student_served_model=options.student_served_model,
         lora=LoraTrainingConfig(
             rank=options.lora_rank, alpha=2 * options.lora_rank, learning_rate=options.learning_rate,
             epochs=options.epochs, batch_size=options.batch_size,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from nesycd.errors import ConfigError, NesycdError
+from nesycd.errors import ConfigError, ModelError, NesycdError
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +72,19 @@ class ServerConfig:
 
 @dataclass
 class ChatParams:
-    """A validated chat completion request: the prompt to continue and the generation settings."""
+    """A validated chat completion request: the prompt to continue, the generation settings and the model.
+
+    `model` is the id the response reports. `adapter` is the runtime-loaded LoRA adapter that `model`
+    names, or None for the served model itself.
+    """
 
     prompt: str
     max_tokens: int
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    model: str
+    adapter: str | None = None
 
 
 class ServedModel:
@@ -92,6 +98,9 @@ class ServedModel:
         compiled: the loaded `CompiledProgram`, or None for a plain model.
         default_max_tokens: the generation limit when a chat request sets none.
         source: the PATH the server was started with, for /health and the logs.
+
+    A plain model also serves the LoRA adapters loaded with `add_adapter` (POST
+    /v1/load_lora_adapter): a chat request whose model is an adapter's name generates with it.
     """
 
     def __init__(self, *, name: str, kind: str, engine, compiled, default_max_tokens: int, source: str):
@@ -101,6 +110,8 @@ class ServedModel:
         self.compiled = compiled
         self.default_max_tokens = default_max_tokens
         self.source = source
+        self.adapters: dict[str, Path] = {}  # runtime-loaded adapter name -> folder
+        self._adapters_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -155,9 +166,26 @@ class ServedModel:
 
     def chat(self, params: ChatParams):
         """Generate the completion of a validated chat request with the in-process model."""
+        adapter = self.engine.adapter if params.adapter is None else params.adapter
         return self.engine.model.generate(
-            params.prompt, max_new_tokens=params.max_tokens, stop=params.stop, adapter=self.engine.adapter
+            params.prompt, max_new_tokens=params.max_tokens, stop=params.stop, adapter=adapter
         )
+
+    def add_adapter(self, name: str, folder: Path) -> Path | None:
+        """Attach the LoRA adapter in `folder` under `name` and return None.
+
+        When `name` is already loaded, nothing is attached and the folder it was loaded from is returned.
+
+        Raises:
+            ModelError: the model already has another adapter named `name`, or `folder` contains no adapter.
+        """
+        with self._adapters_lock:
+            if name in self.adapters:
+                return self.adapters[name]
+            self.engine.model.add_adapter(name, folder)
+            self.adapters[name] = folder
+        logger.info("Loaded LoRA adapter %s from %s", name, folder)
+        return None
 
     def close(self) -> None:
         """Close the compiled program's knowledge base; loaded models stay in the process."""
@@ -209,7 +237,7 @@ def parse_chat_request(body: dict, *, served: ServedModel, max_tokens_limit: int
     """
     from dspy.lm15 import LM15Error, request_from_openai_chat
 
-    _check_model(body, served)
+    adapter = _check_model(body, served)
     present = [field for field in UNSUPPORTED_CHAT_FIELDS if body.get(field) not in (None, [], {})]
     if present:
         raise RequestError(422, f"{', '.join(present)} is not supported by this server; remove it from the request.")
@@ -242,20 +270,33 @@ def parse_chat_request(body: dict, *, served: ServedModel, max_tokens_limit: int
     except (ValueError, TypeError, LM15Error) as error:
         raise RequestError(422, f"Invalid messages: {error}") from error
     prompt = served.engine.render_prompt(request)
-    return ChatParams(prompt, max_tokens, stop, stream, bool(options.get("include_usage", False)))
+    return ChatParams(
+        prompt, max_tokens, stop, stream, bool(options.get("include_usage", False)),
+        model=served.name if adapter is None else adapter, adapter=adapter,
+    )
 
 
-def _check_model(body: dict, served: ServedModel) -> None:
+def _check_model(body: dict, served: ServedModel) -> str | None:
+    """Return the runtime-loaded adapter that the body's model names, or None for the served model or no model."""
     model = body.get("model")
     if model is None:
-        return
+        return None
     if not isinstance(model, str):
         raise RequestError(422, f"model must be a string, got {_json_type(model)}.")
-    if model != served.name:
-        raise RequestError(
-            404, f"The model {model!r} does not exist on this server; it serves {served.name!r} (GET /v1/models).",
-            "model_not_found",
-        )
+    if model == served.name:
+        return None
+    if model in served.adapters:
+        return model
+    raise RequestError(404, f"The model {model!r} does not exist on this server; {_served_models_text(served)}.",
+                       "model_not_found")
+
+
+def _served_models_text(served: ServedModel) -> str:
+    adapters = sorted(served.adapters)
+    if not adapters:
+        return f"it serves {served.name!r} (GET /v1/models)"
+    return (f"it serves {served.name!r} and the LoRA adapters {', '.join(repr(name) for name in adapters)} "
+            "(GET /v1/models)")
 
 
 def _check_messages(messages: Any) -> list[dict]:
@@ -343,7 +384,7 @@ def chat_completion(served: ServedModel, params: ChatParams, generation) -> dict
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
-        "model": served.name,
+        "model": params.model,
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": generation.text},
@@ -357,7 +398,7 @@ def chat_completion(served: ServedModel, params: ChatParams, generation) -> dict
 def chat_completion_stream(served: ServedModel, params: ChatParams, generation) -> bytes:
     """Build the server-sent events of a streamed chat completion: the whole text in one chunk."""
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": served.name}
+            "created": int(time.time()), "model": params.model}
     chunks = [
         {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": generation.text},
                               "logprobs": None, "finish_reason": None}]},
@@ -419,6 +460,71 @@ def answer(served: ServedModel, body: dict) -> dict:
         "model": served.name,
         "latency_s": round(time.perf_counter() - started, 4),
     }
+
+
+def load_lora_adapter(served: ServedModel, body: dict) -> dict:
+    """Load a LoRA adapter from a /v1/load_lora_adapter body {lora_name, lora_path}, as vLLM's route does.
+
+    Chat requests whose model is lora_name then generate with the adapter, and GET /v1/models lists
+    it. Only a plain model loads adapters. Loading a name a second time is rejected with vLLM's
+    "has already been loaded" error, whatever the folder.
+
+    Raises:
+        RequestError: 404 for a compiled program; 400 for a missing or invalid field, a folder that
+            is missing or has no adapter_config.json, a name that is taken, or an adapter that does
+            not fit the model.
+    """
+    if served.kind != "model":
+        raise RequestError(
+            404, f"{served.name} is a compiled program, so POST /v1/load_lora_adapter is not served: adapters are "
+            "loaded at runtime onto a plain model only. Serve the base model itself (nesycd serve MODEL).",
+            "not_found_error",
+        )
+    for field_name in ("lora_name", "lora_path"):
+        value = body.get(field_name)
+        if value is None:
+            raise RequestError(
+                400, f"{field_name} is missing. Send {{\"lora_name\": NAME, \"lora_path\": ABSOLUTE_ADAPTER_FOLDER}}."
+            )
+        if not isinstance(value, str) or not value.strip():
+            raise RequestError(400, f"{field_name} must be a non-empty string, got {value!r}.")
+    if body.get("load_inplace"):
+        raise RequestError(400, "load_inplace is not supported by this server. Load the new weights under another "
+                                "lora_name.")
+    name, folder = body["lora_name"], Path(body["lora_path"])
+    if name == served.name:
+        raise RequestError(400, f"lora_name {name!r} is the served model's id. Pass another name for the adapter.")
+    if not folder.is_absolute():
+        raise RequestError(400, f"lora_path must be an absolute path on the server's filesystem, got {str(folder)!r}.")
+    if not folder.is_dir():
+        raise RequestError(
+            400, f"lora_path {folder} is not a folder on this server. The server reads the adapter itself, so the "
+            "folder must exist on its filesystem at that path.",
+        )
+    if not (folder / "adapter_config.json").is_file():
+        raise RequestError(
+            400, f"lora_path {folder} has no adapter_config.json, so it is not a PEFT LoRA adapter folder. Pass the "
+            "folder that save_pretrained wrote (in a compile run: adapters/<name>/adapter).",
+        )
+    if not (folder / "adapter_model.safetensors").is_file():
+        # PEFT would fall back to adapter_model.bin, a pickle, which a server never loads from a client's path.
+        raise RequestError(
+            400, f"lora_path {folder} has no adapter_model.safetensors. This server loads adapter weights in the "
+            "safetensors format only; save the adapter with save_pretrained(safe_serialization=True).",
+        )
+
+    try:
+        loaded_from = served.add_adapter(name, folder)
+    except (ModelError, ValueError, RuntimeError, KeyError, OSError) as error:
+        # PEFT raises these for an adapter whose modules or shapes do not fit the model.
+        raise RequestError(
+            400, f"Cannot load the LoRA adapter in {folder} onto {served.name}: {type(error).__name__}: {error}. "
+            "Pass an adapter trained on this base model.",
+        ) from error
+    if loaded_from is not None:
+        raise RequestError(400, f"The LoRA adapter {name!r} has already been loaded from {loaded_from}.")
+    return {"object": "lora_adapter", "id": name, "root": str(folder), "parent": served.name,
+            "message": f"Success: LoRA adapter {name!r} added successfully."}
 
 
 class NesycdServer(ThreadingHTTPServer):
@@ -558,20 +664,23 @@ class _Handler(BaseHTTPRequestHandler):
         served = self.server.served
         routes = {
             "/health": {"GET": lambda body: self._health()},
-            "/v1/models": {"GET": lambda body: {"object": "list", "data": [self._model_object()]}},
+            "/v1/models": {"GET": lambda body: {"object": "list", "data": self._model_objects()}},
             f"/v1/models/{served.name}": {"GET": lambda body: self._model_object()},
             "/v1/answer": {"POST": lambda body: answer(served, body)},
             "/v1/chat/completions": {"POST": self._chat},
+            "/v1/load_lora_adapter": {"POST": lambda body: load_lora_adapter(served, body)},
         }
         if path in routes:
             return routes[path]
         if path.startswith("/v1/models/"):
-            raise RequestError(
-                404, f"The model {path[len('/v1/models/'):]!r} does not exist on this server; it serves {served.name!r}.",
-                "model_not_found",
-            )
+            model = path[len("/v1/models/"):]
+            if model in served.adapters:
+                return {"GET": lambda body: self._adapter_object(model)}
+            raise RequestError(404, f"The model {model!r} does not exist on this server; {_served_models_text(served)}.",
+                               "model_not_found")
         raise RequestError(
-            404, f"No route {path}. Routes: GET /health, GET /v1/models, POST /v1/answer, POST /v1/chat/completions.",
+            404, f"No route {path}. Routes: GET /health, GET /v1/models, POST /v1/answer, POST /v1/chat/completions, "
+            "POST /v1/load_lora_adapter.",
             "not_found_error",
         )
 
@@ -582,6 +691,7 @@ class _Handler(BaseHTTPRequestHandler):
             "model": server.served.name,
             "kind": server.served.kind,
             "endpoints": {"answer": server.served.compiled is not None, "chat": server.served.engine is not None},
+            "adapters": sorted(server.served.adapters),
             "uptime_s": round(time.monotonic() - server.started, 3),
             "requests": server.requests,
             "server_errors": server.server_errors,
@@ -589,6 +699,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _model_object(self) -> dict:
         return {"id": self.server.served.name, "object": "model", "created": self.server.created, "owned_by": "nesycd"}
+
+    def _adapter_object(self, name: str) -> dict:
+        # vLLM lists a runtime-loaded adapter with its folder as `root` and the base model as `parent`.
+        served = self.server.served
+        return {"id": name, "object": "model", "created": self.server.created, "owned_by": "nesycd",
+                "root": str(served.adapters[name]), "parent": served.name}
+
+    def _model_objects(self) -> list[dict]:
+        """Return the served model, then the runtime-loaded adapters in load order."""
+        return [self._model_object(), *(self._adapter_object(name) for name in list(self.server.served.adapters))]
 
     def _chat(self, body: dict):
         served = self.server.served

@@ -24,7 +24,16 @@ from pathlib import Path
 from nesycd.adapter import training_row
 from nesycd.errors import ConfigError
 from nesycd.parallel import run_parallel
-from optimizers.nesycd import _MISSING, CompileResult, NesyCD, _accuracies, _demo_dict, _program_signature, _reason_steps
+from optimizers.nesycd import (
+    _MISSING,
+    CompileResult,
+    NesyCD,
+    _accuracies,
+    _check_student_server_settings,
+    _demo_dict,
+    _program_signature,
+    _reason_steps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +67,7 @@ class _Baseline(NesyCD):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.kb = None
         self._teacher_lm = teacher  # None: the configured teacher, loaded on first use
+        self._student_server = self._setup_student_server()
         self._seconds: dict[str, float] = {}
         self._adapters: dict[str, Path] = {}
 
@@ -147,6 +157,7 @@ class _Baseline(NesyCD):
             raise ConfigError(f"Loss weights must be >= 0, got {self.config.view_weights}.")
         if self.config.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.config.threads}.")
+        _check_student_server_settings(self.config)
 
 
 class ZeroShot(_Baseline):
@@ -166,6 +177,7 @@ class FewShotTeacher(_Baseline):
     """
 
     name = "teacher"
+    student_generates = False
 
     def _build(self, student, trainset):
         program = self._copy_program(student, lm=self._teacher())

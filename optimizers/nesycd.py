@@ -37,11 +37,17 @@ STAGES = (  # in the order they run
 STAGE_CONFIG_FIELDS = {
     "teacher_rationales": ("teacher", "teacher_api_base", "teacher_max_tokens"),
     "sft_general": ("student", "lora"),
-    "collect_demonstrations": ("student", "student_max_tokens"),
+    "collect_demonstrations": ("student", "student_api_base", "student_served_model", "student_max_tokens"),
     "write_knowledge": ("teacher", "teacher_api_base", "teacher_max_tokens", "teacher_sees_gold", "embedder"),
     "sft_kb": ("student", "lora", "kb_lora_epochs", "view_weights", "embedder"),
-    "evaluate": ("student", "student_max_tokens", "evaluate_baselines", "embedder"),
+    "evaluate": (
+        "student", "student_api_base", "student_served_model", "student_max_tokens", "evaluate_baselines", "embedder",
+    ),
 }
+# The student server's settings. A fingerprint covers them only while they are set, so runs without a
+# student server keep the fingerprints they had before these settings existed. Stages missing from
+# STAGE_CONFIG_FIELDS (the baselines' fine-tunings) hash every setting except these.
+STUDENT_SERVER_FIELDS = ("student_api_base", "student_served_model")
 
 _MISSING = object()
 
@@ -54,6 +60,16 @@ class NesyCDConfig:
         student: the student model (packaged id, local folder or Hugging Face id); fine-tuned with LoRA.
         teacher: the teacher model; a local model or a litellm model string such as `openai/<model>`.
         teacher_api_base: base URL of an OpenAI-compatible server for a litellm teacher.
+        student_api_base: OpenAI base URL (ending in /v1) of a server that runs the student's
+            generation stages (collect_demonstrations, evaluate) instead of this process: vLLM,
+            SGLang or `nesycd serve <student>`. It must load LoRA adapters at runtime (see
+            `nesycd.lm.student_server.StudentServer`), serve the same weights as `student`, and read
+            the adapter folders under the run folder at the same absolute paths. Fine-tuning stays
+            local. The setting is part of the fingerprints of those two stages, because a server can
+            decode differently from the in-process LM (another chat template, dtype or kernels). So
+            changing it runs them again, and with them the stages that take the new error cases.
+        student_served_model: the base model's id on the student server (None: the first id of
+            GET {student_api_base}/models). Part of the same fingerprints.
         lora: LoRA settings, shared by both fine-tunings.
         kb_lora_epochs: epochs of the KB-augmented fine-tuning (None: same as `lora.epochs`).
         view_weights: loss weight per view of the KB-augmented fine-tuning: `kb_cot` (knowledge +
@@ -72,6 +88,8 @@ class NesyCDConfig:
     student: str = "smollm2-135m"
     teacher: str = "gemma3-270m"
     teacher_api_base: str | None = None
+    student_api_base: str | None = None
+    student_served_model: str | None = None
     lora: LoraTrainingConfig = field(default_factory=LoraTrainingConfig)
     kb_lora_epochs: float | None = None
     view_weights: dict[str, float] = field(default_factory=lambda: {"kb_cot": 1.0, "cot": 1.0, "answer": 1.0})
@@ -127,10 +145,19 @@ class NesyCD(Teleprompter):
             task, question, reasoning, answer).
         store: an open `nesycd.tracing.TraceStore` for this run.
 
+    Raises:
+        ConfigError: an invalid setting, or a student server combined with an adaptive retriever.
+        ModelError: the student server cannot be reached or cannot load an adapter (see
+            `config.student_api_base`). The compile stops before the student calls that need the
+            adapter, and the stages that finished are reused when the same run folder is compiled again.
+
     Example:
         >>> optimizer = NesyCD(metric, run_dir=Path("runs/bbh/r1"), store=TraceStore("runs/bbh/r1/traces.duckdb"))
         >>> compiled = optimizer.compile(program, trainset=train, testset=test)
     """
+
+    # Whether the compiled program generates with the student (False for a method that runs the teacher).
+    student_generates = True
 
     def __init__(
         self,
@@ -152,6 +179,7 @@ class NesyCD(Teleprompter):
         self.result: CompileResult | None = None
         self.kb = None
         self._teacher_lm = None
+        self._student_server = None
         self._check_config()
 
     def compile(self, student, *, trainset, teacher=None, valset=None, testset=None, **kwargs):
@@ -171,8 +199,10 @@ class NesyCD(Teleprompter):
         """
         if not trainset:
             raise ConfigError("The training set is empty. Load more data or raise --train-per-task.")
+        self._check_student_server_retriever(student)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._teacher_lm = teacher
+        self._student_server = self._setup_student_server()
         seconds: dict[str, float] = {}
         adapters: dict[str, Path] = {}
 
@@ -300,7 +330,6 @@ class NesyCD(Teleprompter):
     # Stage 3 ---------------------------------------------------------------------------------
 
     def _collect_demonstrations(self, student, trainset, std_cot_adapter: Path) -> list[dict]:
-        from nesycd.lm import make_lm
         from nesycd.training.sft import adapter_sha256
 
         name = "collect_demonstrations"
@@ -313,10 +342,7 @@ class NesyCD(Teleprompter):
             return reused
 
         with self.store.stage(name, fingerprint) as stage:
-            lm = make_lm(
-                self.config.student, role="student", adapter=("std_cot", str(std_cot_adapter)),
-                max_tokens=self.config.student_max_tokens,
-            )
+            lm = self._student_lm(("std_cot", std_cot_adapter))
             program = self._copy_program(student, lm=lm)
             outcomes = run_parallel(
                 lambda ex: program(**ex.inputs()), trainset, threads=self.config.threads,
@@ -481,7 +507,6 @@ class NesyCD(Teleprompter):
     # Stage 6 ---------------------------------------------------------------------------------
 
     def _evaluate(self, student, testset, adapters: dict[str, Path], kb) -> dict[str, dict[str, float]]:
-        from nesycd.lm import make_lm
         from nesycd.training.sft import adapter_sha256
 
         fingerprint = self._fingerprint(
@@ -498,13 +523,13 @@ class NesyCD(Teleprompter):
             configurations = [("nesycd", ("nesycd", adapters["nesycd"]), kb)]
             if self.config.evaluate_baselines:
                 configurations = [("base", None, None), ("std_cot", ("std_cot", adapters["std_cot"]), None)] + configurations
-            for label, adapter, store in configurations:
-                lm = make_lm(
-                    self.config.student, role="student",
-                    adapter=None if adapter is None else (adapter[0], str(adapter[1])),
-                    max_tokens=self.config.student_max_tokens,
-                )
-                program = self._student_program(student, adapter=None, kb=store, lm=lm)
+            # Every LM is made before the first question, so a student server that cannot load an
+            # adapter fails the stage before any student call.
+            programs = [
+                (label, self._student_program(student, adapter=None, kb=store, lm=self._student_lm(adapter)))
+                for label, adapter, store in configurations
+            ]
+            for label, program in programs:
                 outcomes = run_parallel(
                     lambda ex: program(**ex.inputs()), testset, threads=self.config.threads,
                     desc=f"evaluate {label}", show_progress=self.show_progress,
@@ -534,7 +559,12 @@ class NesyCD(Teleprompter):
     # Resume ----------------------------------------------------------------------------------
 
     def _fingerprint(self, stage_name: str, *parts: Any) -> str:
-        return self.config.fingerprint(stage_name, *parts, fields=STAGE_CONFIG_FIELDS.get(stage_name))
+        settings = asdict(self.config)
+        fields = STAGE_CONFIG_FIELDS.get(stage_name)
+        if fields is None:
+            fields = tuple(name for name in settings if name not in STUDENT_SERVER_FIELDS)
+        fields = tuple(name for name in fields if name not in STUDENT_SERVER_FIELDS or settings[name] is not None)
+        return self.config.fingerprint(stage_name, *parts, fields=fields)
 
     def _reuse(self, stage_name: str, fingerprint: str, load: Callable[[], Any]) -> Any:
         """Return the outputs of an earlier succeeded attempt of this stage, or _MISSING to run it.
@@ -641,19 +671,53 @@ class NesyCD(Teleprompter):
 
     def _student_program(self, student, *, adapter, kb, lm=None):
         from nesycd.knowledge import NoRetriever
-        from nesycd.lm import make_lm
 
         if lm is None:
-            lm = make_lm(
-                self.config.student, role="student",
-                adapter=None if adapter is None else (adapter[0], str(adapter[1])),
-                max_tokens=self.config.student_max_tokens,
-            )
+            lm = self._student_lm(adapter)
         if kb is None:
             return _copy_with(student, lm=lm, retriever=NoRetriever())
         retriever = _copy_retriever(student)
         retriever.bind(kb)
         return _copy_with(student, lm=lm, retriever=retriever)
+
+    def _student_lm(self, adapter: tuple[str, str | Path] | None):
+        """Return the student LM with `adapter` (label, folder), or the base student for None.
+
+        The LM generates on the student server when one is set, else in this process.
+        """
+        from nesycd.lm import make_lm
+
+        if self._student_server is not None:
+            return self._student_server.lm(adapter, max_tokens=self.config.student_max_tokens)
+        return make_lm(
+            self.config.student, role="student",
+            adapter=None if adapter is None else (adapter[0], str(adapter[1])),
+            max_tokens=self.config.student_max_tokens,
+        )
+
+    def _setup_student_server(self):
+        """Return the client of the student server after checking that it serves the base model, or None."""
+        from nesycd.lm.student_server import StudentServer
+
+        if self.config.student_api_base is None:
+            return None
+        if not self.student_generates:
+            logger.warning("Method %s generates with the teacher, so the student server %s is not used",
+                           type(self).__name__, self.config.student_api_base)
+            return None
+        server = StudentServer(self.config.student_api_base, served_model=self.config.student_served_model)
+        logger.info("Student generation runs on %s (base model %s)", server.api_base, server.base_model())
+        return server
+
+    def _check_student_server_retriever(self, student) -> None:
+        if self.config.student_api_base is None or not self.student_generates:
+            return
+        if student.retriever.config().get("kind") == "adaptive":
+            raise ConfigError(
+                "The adaptive retriever probes the student's token probabilities in-process, so it cannot run "
+                f"with the student server {self.config.student_api_base}. Leave out --student-api-base, or pass "
+                "another retriever (--retriever dense, bm25 or hybrid)."
+            )
 
     def _record_prediction(self, label, example, prediction, correct, error) -> None:
         self.store.record(
@@ -698,6 +762,20 @@ class NesyCD(Teleprompter):
             raise ConfigError(f"Loss weights must be >= 0, got {self.config.view_weights}.")
         if self.config.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.config.threads}.")
+        _check_student_server_settings(self.config)
+
+
+def _check_student_server_settings(config: NesyCDConfig) -> None:
+    api_base = config.student_api_base
+    if api_base is not None and not api_base.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"--student-api-base must be an http:// or https:// URL such as http://127.0.0.1:8000/v1, got {api_base!r}."
+        )
+    if config.student_served_model is not None:
+        if api_base is None:
+            raise ConfigError("--student-served-model needs --student-api-base, the server that serves that model.")
+        if not config.student_served_model.strip():
+            raise ConfigError("--student-served-model is empty; pass the base model's id on the student server.")
 
 
 def _reason_steps(program) -> list[ReasonStep]:

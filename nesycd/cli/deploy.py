@@ -47,7 +47,11 @@ def serve(
     max_seconds: Optional[float] = typer.Option(None, help="Stop after this many seconds (default: never)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ):
-    """Serve a compiled program (POST /v1/answer) and its model (POST /v1/chat/completions, OpenAI-compatible)."""
+    """Serve a compiled program (POST /v1/answer) and its model (POST /v1/chat/completions, OpenAI-compatible).
+
+    A plain model also loads LoRA adapters at runtime (POST /v1/load_lora_adapter, as vLLM does), so it can run
+    the student stages of `nesycd compile --student-api-base`.
+    """
     _setup_logging(verbose)
     from nesycd.errors import ConfigError
     from nesycd.serve import ServedModel, ServerConfig, make_server

@@ -53,6 +53,14 @@ def compile(
     student: str = typer.Option("smollm2-135m", help="Student model: packaged id, local folder or Hugging Face id."),
     teacher: str = typer.Option("gemma3-270m", help="Teacher model: as --student, or a litellm string such as openai/<model>."),
     teacher_api_base: Optional[str] = typer.Option(None, help="Base URL of an OpenAI-compatible teacher server."),
+    student_api_base: Optional[str] = typer.Option(
+        None,
+        help="OpenAI base URL (ending in /v1) of a server that generates for the student stages (vLLM, SGLang or "
+        "`nesycd serve <student>`); it must load LoRA adapters at runtime and read the run folder. Training stays local.",
+    ),
+    student_served_model: Optional[str] = typer.Option(
+        None, help="Base model id on --student-api-base (default: the first id of GET /models)."
+    ),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated task subset (default: the program's DEFAULTS)."),
     train_per_task: Optional[int] = typer.Option(None, help="Training questions per task (default: the program's DEFAULTS)."),
     test_per_task: Optional[int] = typer.Option(None, help="Test questions per task (default: the program's DEFAULTS)."),
@@ -98,6 +106,8 @@ def compile(
         student=student,
         teacher=teacher,
         teacher_api_base=teacher_api_base,
+        student_api_base=student_api_base,
+        student_served_model=student_served_model,
         tasks=tasks.split(",") if tasks else None,
         train_per_task=train_per_task,
         test_per_task=test_per_task,

@@ -17,6 +17,7 @@ def make_lm(
     role: str,
     adapter: tuple[str, str] | None = None,
     api_base: str | None = None,
+    api_key: str | None = None,
     max_tokens: int = 256,
     timeout_s: float = 120.0,
 ):
@@ -30,6 +31,8 @@ def make_lm(
             models only.
         api_base: the base URL of an OpenAI-compatible server for a litellm model string. The API key
             comes from the provider's usual variable (for example OPENAI_API_KEY) and is never traced.
+        api_key: the API key for a litellm model string, used instead of the provider's variable;
+            never traced.
         max_tokens: the default generation limit.
         timeout_s: seconds before a request to a server times out (litellm model strings only).
 
@@ -40,8 +43,9 @@ def make_lm(
     if is_remote(name) or api_base:
         # Timeouts, rate limits and 5xx responses are retried 3 times. Measured with dspy 3.4 against a
         # loopback server: 1, 2 and 4 s between tries after a 500, none after a 429 with "Retry-After: 0".
+        key = {} if api_key is None else {"api_key": api_key}
         lm = dspy.LM(name, api_base=api_base, temperature=0.0, max_tokens=max_tokens, cache=True, num_retries=3,
-                     timeout=timeout_s)
+                     timeout=timeout_s, **key)
     else:
         from nesycd.lm.local import LocalEngine, LocalModel
 
