@@ -34,7 +34,8 @@ def run_parallel(
     Each call runs in a copy of the caller's context, so DSPy settings and tracing context reach the
     worker threads. An exception is logged and kept as the outcome's `error`; it never stops the run.
     `on_result(outcome)` runs in the calling thread as soon as each item finishes, so a caller can
-    save finished items before the rest are done. An exception from `on_result` stops the run.
+    save finished items before the rest are done. An exception from `on_result`, or Ctrl-C, stops
+    the run: items not started yet are dropped, and the ones running finish before the raise.
     """
     from tqdm.auto import tqdm
 
@@ -49,18 +50,18 @@ def run_parallel(
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         futures = {pool.submit(contextvars.copy_context().run, call, item): index for index, item in enumerate(items)}
         with tqdm(total=len(items), desc=desc, disable=not show_progress, unit="ex") as bar:
-            for future in _as_completed(futures):
-                outcome = future.result()
-                outcomes[futures[future]] = outcome
-                if on_result is not None:
-                    try:
+            try:
+                for future in _as_completed(futures):
+                    outcome = future.result()
+                    outcomes[futures[future]] = outcome
+                    if on_result is not None:
                         on_result(outcome)
-                    except BaseException:
-                        # Items not started yet are dropped; the ones running finish before the raise.
-                        for pending in futures:
-                            pending.cancel()
-                        raise
-                bar.update(1)
+                    bar.update(1)
+            except BaseException:
+                # Leaving the pool waits for its queue, so the items not started yet are cancelled first.
+                for pending in futures:
+                    pending.cancel()
+                raise
     return outcomes  # type: ignore[return-value]
 
 
