@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--bf16", choices=["auto", "true", "false"], default="auto",
                         help="bf16 autocast; auto lets train_lora decide (on with AVX512-BF16).")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="Turn on gradient checkpointing in both runs.")
+    parser.add_argument("--group-by-length", action="store_true",
+                        help="Train nesycd's SFT on length-sorted batches (LoraTrainingConfig.group_by_length).")
     parser.add_argument("--checkpoint-steps", type=int, default=None,
                         help="Passed to LoraTrainingConfig.checkpoint_steps (default: train_lora's choice); "
                         "a number above the step count turns resumable checkpoints off.")
@@ -145,6 +147,8 @@ def run_worker(kind: str, args: argparse.Namespace, workdir: Path) -> dict:
     ]
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
+    if args.group_by_length:
+        command.append("--group-by-length")
     if args.torch_threads is not None:
         command += ["--torch-threads", str(args.torch_threads)]
     if args.checkpoint_steps is not None:
@@ -168,6 +172,7 @@ def training_config(args: argparse.Namespace):
         batch_size=args.batch_size,
         bf16=bf16,
         gradient_checkpointing=args.gradient_checkpointing,
+        group_by_length=args.group_by_length,
         **extra,
     )
 

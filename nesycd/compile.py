@@ -35,6 +35,7 @@ class CompileOptions:
     learning_rate: float = 1e-3
     lora_rank: int = 8
     batch_size: int = 8
+    group_by_length: bool = False
     # Loss weight per fine-tuning view; views left out keep the method's default (optimizers.VIEW_WEIGHTS).
     view_weights: dict[str, float] = field(default_factory=dict)
     retriever: str | None = None
@@ -108,7 +109,7 @@ def run_compile(options: CompileOptions) -> CompileSummary:
         student_served_model=options.student_served_model,
         lora=LoraTrainingConfig(
             rank=options.lora_rank, alpha=2 * options.lora_rank, learning_rate=options.learning_rate,
-            epochs=options.epochs, batch_size=options.batch_size,
+            epochs=options.epochs, batch_size=options.batch_size, group_by_length=options.group_by_length,
         ),
         kb_lora_epochs=options.kb_epochs,
         view_weights=weights,

@@ -106,3 +106,26 @@ def test_length_sorted_sampler():
         assert sorted(sorted(lengths[index] for index in batch) for batch in batches) == sorted(expected)
         orders.append(order)
     assert len({tuple(order) for order in orders}) > 1
+
+
+def test_length_grouping_is_opt_in(tiny_student, tmp_path):
+    """Random batches by default; LoraTrainingConfig(group_by_length=True) switches to length-sorted ones."""
+    from nesycd.training.sft import _LengthSortedSampler, _weighted_trainer_class
+
+    samplers = []
+    trainer_class = _weighted_trainer_class()
+    original = trainer_class._get_train_sampler
+
+    def record(self, train_dataset=None):
+        samplers.append(original(self, train_dataset))
+        return samplers[-1]
+
+    trainer_class._get_train_sampler = record
+    try:
+        config = LoraTrainingConfig(epochs=1, batch_size=4)
+        train_lora(tiny_student, ROWS, tmp_path / "random", config=config)
+        train_lora(tiny_student, ROWS, tmp_path / "sorted", config=LoraTrainingConfig(epochs=1, batch_size=4, group_by_length=True))
+    finally:
+        trainer_class._get_train_sampler = original
+    assert not isinstance(samplers[0], _LengthSortedSampler)
+    assert isinstance(samplers[-1], _LengthSortedSampler)

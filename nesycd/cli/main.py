@@ -71,6 +71,9 @@ def compile(
     learning_rate: float = typer.Option(1e-3, help="LoRA learning rate."),
     lora_rank: int = typer.Option(8, help="LoRA rank r (alpha is 2r)."),
     batch_size: int = typer.Option(8, help="Rows per optimizer step."),
+    group_by_length: bool = typer.Option(
+        False, help="Batch training rows of similar length: less padding, but each batch then holds mostly one view."
+    ),
     weight_kb_cot: Optional[float] = typer.Option(
         None, help="nesycd: loss weight of the knowledge + question -> rationale view (default 1)."
     ),
@@ -118,6 +121,7 @@ def compile(
         learning_rate=learning_rate,
         lora_rank=lora_rank,
         batch_size=batch_size,
+        group_by_length=group_by_length,
         view_weights={view: weight for view, weight in given_weights.items() if weight is not None},
         retriever=retriever,
         k=k,
