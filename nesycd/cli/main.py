@@ -72,7 +72,7 @@ def compile(
     lora_rank: int = typer.Option(8, help="LoRA rank r (alpha is 2r)."),
     batch_size: int = typer.Option(8, help="Rows per optimizer step."),
     group_by_length: bool = typer.Option(
-        False, help="Batch training rows of similar length: less padding, but each batch then holds mostly one view."
+        False, help="Batch training rows of similar length. Batches get less padding, but each one then contains mostly one view."
     ),
     weight_kb_cot: Optional[float] = typer.Option(
         None, help="nesycd: loss weight of the knowledge + question -> rationale view (default 1)."

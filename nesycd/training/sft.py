@@ -296,8 +296,8 @@ class _WeightedCollator:
 class _LengthSortedSampler:
     """Sampler that puts rows of similar length into each batch, in a new order every epoch.
 
-    Each epoch shuffles the rows with `seed + epoch`, sorts them by length (longest first; the sort
-    is stable, so rows of equal length keep the shuffled order) and cuts them into batches. The
+    Each epoch shuffles the rows with `seed + epoch`, sorts them by length, longest first, and cuts
+    them into batches. The sort is stable, so rows of equal length keep the shuffled order. The
     batch of the longest rows comes first, so a row too long for memory fails at the first step.
     The other full batches follow in shuffled order, and a short batch of the shortest rows comes
     last. Sorting removes most of the padding that random batches spend compute on. transformers'
@@ -383,7 +383,7 @@ def _weighted_trainer_class():
                 with torch.no_grad():
                     expected = outputs.logits[:, -1].float()
                     difference = (head(hidden[:, -1]).float() - expected).abs().max()
-                    # bf16 autocast rounds the two products differently, by up to about 0.4% of the largest logit.
+                    # Under bf16 autocast the model's own logits are rounded by up to about 0.4% of the largest one.
                     self._head_matches = bool(difference <= 1e-2 * expected.abs().max().clamp(min=1.0))
                 if not self._head_matches:
                     logger.info("The LM head alone does not reproduce the model's logits; training with TRL's loss")
@@ -391,7 +391,7 @@ def _weighted_trainer_class():
 
             targets = labels[:, 1:]
             mask = targets != -100
-            logits = head(hidden[:, :-1][mask]).float()
+            logits = head(hidden[:, :-1][mask])
             per_token_loss = torch.nn.functional.cross_entropy(logits, targets[mask], reduction="none")
             if weights is not None:
                 per_token_loss = per_token_loss * weights.to(per_token_loss.dtype)[:, None].expand_as(targets)[mask]
@@ -408,9 +408,15 @@ def _weighted_trainer_class():
             base = base.get_base_model() if hasattr(base, "get_base_model") else base
             linear = base.get_output_embeddings()
             softcap = getattr(base.config, "final_logit_softcapping", None)
-            if not softcap:
-                return linear
-            return lambda hidden: torch.tanh(linear(hidden) / softcap) * softcap
+
+            def head(hidden):
+                # float32 even under bf16 autocast, as TRL's loss runs its head: bf16 logits would be
+                # rounded by up to about 0.4%, and the softmax over the vocabulary amplifies that.
+                with torch.autocast(device_type=hidden.device.type, enabled=False):
+                    logits = linear(hidden.float())
+                return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+            return head
 
         def _log_batch(self, model, inputs, mask, correct) -> None:
             mode = "train" if model.training else "eval"
