@@ -775,7 +775,7 @@ def _check_student_server_settings(config: NesyCDConfig) -> None:
         if api_base is None:
             raise ConfigError("--student-served-model needs --student-api-base, the server that serves that model.")
         if not config.student_served_model.strip():
-            raise ConfigError("--student-served-model is empty; pass the base model's id on the student server.")
+            raise ConfigError("--student-served-model is empty. Pass the base model's id on the student server.")
 
 
 def _reason_steps(program) -> list[ReasonStep]:

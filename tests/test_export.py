@@ -172,7 +172,8 @@ def test_export_without_knowledge_base(tmp_path, boolean_data_dir, tiny_student,
     compiled = _compile_method("std_cot", tmp_path / "runs", boolean_data_dir, tiny_student, tiny_teacher)
     out = export_merged(compiled, tmp_path / "merged")
     assert (out / "model.safetensors").is_file()
-    assert not (out / "kb").exists() and not (out / ENTRIES_FILE).exists()
+    assert not (out / "kb").exists()
+    assert not (out / ENTRIES_FILE).exists()
     assert json.loads((out / "nesycd_export.json").read_text())["kb_entries"] is None
     assert "(no knowledge base)" in (out / "README.md").read_text()
 

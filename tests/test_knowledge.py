@@ -353,10 +353,10 @@ def _linked_copy(source: Path, target: Path) -> Path:
     return target
 
 
-def _rewrite_json(path: Path, **changes) -> None:
-    data = json.loads(path.read_text())
+def _write_json(path: Path, value) -> None:
+    """Replace the file or symlink at `path` with `value` as JSON, leaving the linked original alone."""
     path.unlink()
-    path.write_text(json.dumps({**data, **changes}) if isinstance(data, dict) else json.dumps(changes["value"]))
+    path.write_text(json.dumps(value))
 
 
 def test_embedder_dimension_without_loading_the_model():
@@ -370,7 +370,8 @@ def test_embedder_dimension_follows_the_pooling_config(tmp_path):
     from nesycd.knowledge.embedder import _packaged_model_path
 
     folder = _linked_copy(_packaged_model_path(), tmp_path / "model")
-    _rewrite_json(folder / "1_Pooling" / "config.json", pooling_mode_max_tokens=True)
+    pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    _write_json(folder / "1_Pooling" / "config.json", {**pooling, "pooling_mode_max_tokens": True})
     embedder = Embedder(str(folder))
     assert embedder.dimension == 768  # mean and max pooling, concatenated
     assert embedder._model is None
@@ -394,9 +395,9 @@ def test_embedder_dimension_of_unknown_modules_loads_the_model(tmp_path, monkeyp
     folder = _linked_copy(_packaged_model_path(), tmp_path / "model")
     assert declared_dimension(folder) == 384
     modules = json.loads((folder / "modules.json").read_text())
-    _rewrite_json(folder / "modules.json", value=modules[:2] + [{**modules[2], "type": "custom.Projection"}])
+    _write_json(folder / "modules.json", modules[:2] + [{**modules[2], "type": "custom.Projection"}])
     assert declared_dimension(folder) is None
-    _rewrite_json(folder / "modules.json", value=modules)
+    _write_json(folder / "modules.json", modules)
     (folder / "1_Pooling" / "config.json").unlink()
     assert declared_dimension(folder) is None
 

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 # Seconds to wait for the server to list its models or to load one adapter.
 REQUEST_TIMEOUT_S = 300.0
-# How to start a server that loads adapters at runtime; every error about the server ends with it.
+# How to start a server that loads adapters at runtime. Every error about the server ends with this text.
 SERVER_FIX = (
     "Start vLLM with --enable-lora, a --max-lora-rank of at least the adapter's rank (--lora-rank), and the "
     "environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; or SGLang with --enable-lora; or serve the "
@@ -99,8 +99,8 @@ class StudentServer:
         status, text = self._request("POST", url, payload)
         model_id = name
         if status == 404 and self.api_base.endswith("/v1"):
-            # NOTE: the SGLang route and its BASE:NAME model ids follow SGLang's documentation; no
-            # SGLang server was run to test them.
+            # NOTE: the SGLang route and its BASE:NAME model ids follow SGLang's documentation and are
+            # untested against an SGLang server.
             tried = url
             url = f"{self.api_base.removesuffix('/v1')}/load_lora_adapter"
             status, text = self._request("POST", url, payload)
@@ -176,7 +176,7 @@ class StudentServer:
             )
 
     def _request(self, method: str, url: str, payload: dict | None = None) -> tuple[int, str]:
-        """Send one request and return (HTTP status, body text); raise ModelError when no response arrives."""
+        """Send one request and return (HTTP status, body text). Raise ModelError when no response arrives."""
         headers = {"Accept": "application/json"}
         data = None
         if payload is not None:
@@ -216,20 +216,19 @@ def adapter_name(label: str, adapter_dir: str | Path) -> str:
     keep generating with them. DSPy's response cache, which is keyed on the model name, would also
     return the old outputs.
     """
+    from nesycd.artifact import file_sha256
+
     folder = Path(adapter_dir).resolve()
     digest = hashlib.sha256(str(folder).encode())
     for file_name in ADAPTER_FILES:
         path = folder / file_name
         if path.is_file():
-            digest.update(file_name.encode())
-            with path.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
+            digest.update(f"{file_name}:{file_sha256(path)}".encode())
     return f"{label}-{digest.hexdigest()[:12]}"
 
 
 def _already_loaded(status: int, text: str) -> bool:
-    # vLLM answers 400 "The lora adapter '<name>' has already been loaded."; nesycd serve answers the same way.
+    # vLLM replies 400 "The lora adapter '<name>' has already been loaded.", and nesycd serve replies the same.
     message = _error_message(text).lower()
     return status in (400, 409) and "already" in message and "loaded" in message
 
